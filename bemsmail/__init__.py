@@ -1,0 +1,2 @@
+"""bemsmail: a mail push relay."""
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The `bemsmail` command: serve, migrate, check-config, init, hash-api-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bemsmail import __version__
+from bemsmail.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+
+def _config_path(arg: str | None) -> Path | None:
+    value = arg or os.environ.get("BEMSMAIL_CONFIG")
+    return Path(value) if value else None
+
+
+def _load(arg: str | None) -> Config:
+    path = _config_path(arg)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        where = f" in {path}" if path else ""
+        print(f"bemsmail: the configuration{where} is not valid:", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _setup_logging(config: Config) -> None:
+    from bemsmail.log import configure_logging
+
+    configure_logging(config.logging.level, config.logging.format)
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # Windows
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bemsmail.app import Node, StartupError
+    from bemsmail.daemon import install_stop_handlers, sd_notify
+
+    config = _load(args.config)
+    _setup_logging(config)
+    outcome = {"code": 0}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_handlers(stop)
+        node = Node(config, migrate_schema=args.migrate)
+        try:
+            await node.start()
+        except (StartupError, OSError) as exc:
+            print(f"bemsmail: cannot start: {exc}", file=sys.stderr)
+            await node.stop()
+            outcome["code"] = EXIT_STARTUP
+            return
+        sd_notify("READY=1")
+        try:
+            await stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            await node.stop()
+
+    _run(main())
+    return outcome["code"]
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from bemsmail.store.engine import create_engine, safe_url
+    from bemsmail.store.schema import migrate
+
+    config = _load(args.config)
+    _setup_logging(config)
+
+    async def main() -> int:
+        engine = create_engine(config.database)
+        try:
+            status = await migrate(engine)
+        except Exception as exc:
+            print(f"bemsmail: migration of {safe_url(config.database)} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return EXIT_STARTUP
+        finally:
+            await engine.dispose()
+        print(f"database {safe_url(config.database)} is at schema {status.current}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"configuration OK: {len(config.tenants)} tenant(s), {len(config.apns.apps)} APNs app(s), "
+          f"{len(config.fcm.apps)} FCM app(s), database {config.database.url.split(':', 1)[0]}")
+    if not args.connect:
+        return 0
+    from bemsmail.store.engine import create_engine, safe_url
+    from bemsmail.store.schema import schema_problem, schema_status
+
+    async def main() -> int:
+        engine = create_engine(config.database)
+        try:
+            problem = schema_problem(await schema_status(engine))
+        except Exception as exc:
+            print(f"database {safe_url(config.database)}: cannot connect: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return EXIT_STARTUP
+        finally:
+            await engine.dispose()
+        print(f"database {safe_url(config.database)}: reachable; schema: {problem or 'current'}")
+        return EXIT_STARTUP if problem else 0
+
+    return asyncio.run(main())
+
+
+def cmd_hash_api_key(args: argparse.Namespace) -> int:
+    from bemsmail.api.auth import generate_api_key, hash_api_key
+
+    if args.generate:
+        key = generate_api_key()
+        print(f"key:    {key}\nsha256: {hash_api_key(key)}")
+        return 0
+    key = sys.stdin.readline().strip() if not sys.stdin.isatty() else input("API key: ").strip()
+    if not key:
+        print("bemsmail: no key given", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_api_key(key))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from bemsmail.devconfig import write_dev_config
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        print(f"bemsmail: {out} exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_CONFIG
+    key = write_dev_config(out)
+    print(f"wrote {out} (local development configuration; secrets under {out.parent / 'secrets'})")
+    print(f"API key (stored only as a hash; kept in {out.parent / 'secrets' / 'api-key'}): {key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bemsmail", description="Mail push relay for Exchange and Exchange Online.")
+    parser.add_argument("--version", action="version", version=f"bemsmail {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="TOML file (default: $BEMSMAIL_CONFIG; env overrides apply)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the daemon"))
+    serve.add_argument("--migrate", action="store_true", help="upgrade the database schema before serving")
+    serve.set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("migrate", help="upgrade the database schema")).set_defaults(func=cmd_migrate)
+    check = with_config(sub.add_parser("check-config", help="validate the configuration"))
+    check.add_argument("--connect", action="store_true", help="also connect to the database and check its schema")
+    check.set_defaults(func=cmd_check_config)
+    hashing = sub.add_parser("hash-api-key", help="print the SHA-256 to put in api.auth.api_keys (key on stdin)")
+    hashing.add_argument("--generate", action="store_true", help="generate a new random key and print both")
+    hashing.set_defaults(func=cmd_hash_api_key)
+    init = sub.add_parser("init", help="write a local development configuration with fresh throwaway secrets")
+    init.add_argument("--output", "-o", default="var/bemsmail.toml")
+    init.add_argument("--force", action="store_true")
+    init.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Node membership, mailbox ownership and the bus between the parts of bemsmail."""

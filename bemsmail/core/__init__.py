@@ -1,0 +1,1 @@
+"""The pure core of bemsmail: domain types, ports and decisions; it imports no I/O library."""

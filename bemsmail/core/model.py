@@ -1,0 +1,218 @@
+"""Domain types shared by every part of bemsmail: mailboxes, registrations, settings, events, pushes, outcomes."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+MAX_DEVICE_ID = 200
+MAX_APP_ID = 200
+MAX_TOKEN = 4096
+MAX_FOLDERS = 50
+MAX_VIP_SENDERS = 500
+
+_EMAILISH = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+
+
+def normalize_mailbox(address: str) -> str:
+    """Return the one identity of a mailbox everywhere in bemsmail: the lower-cased SMTP address."""
+    return address.strip().lower()
+
+
+def token_fingerprint(token: str) -> str:
+    """A stable, non-reversible handle for a push token: safe to index, log and compare."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Platform(enum.StrEnum):
+    IOS = "ios"
+    ANDROID = "android"
+
+
+class Environment(enum.StrEnum):
+    PRODUCTION = "production"
+    SANDBOX = "sandbox"
+
+
+class Backend(enum.StrEnum):
+    """Where a mailbox lives and how it is watched."""
+
+    EWS = "ews"
+    GRAPH = "graph"
+    UNASSIGNED = "unassigned"
+
+
+class MailboxState(enum.StrEnum):
+    ACTIVE = "active"
+    IDLE = "idle"
+
+
+class QuietHours(BaseModel):
+    """A daily window, in the device's time zone, in which alerts are withheld; may cross midnight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: time
+    end: time
+    silent_badge: bool = Field(False, description="Still send a silent badge update during quiet hours.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("quiet_hours start and end must differ")
+        return self
+
+
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+
+
+class DeviceSettings(BaseModel):
+    """What one device wants to be told about, and how. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    new_mail: bool = True
+    calendar: bool = True
+    folders: tuple[ShortText, ...] = Field(("Inbox",), max_length=MAX_FOLDERS)
+    vip_senders: tuple[ShortText, ...] = Field((), max_length=MAX_VIP_SENDERS)
+    important_only: bool = False
+    quiet_hours: QuietHours | None = None
+    content: Literal["minimal", "rich"] = "minimal"
+    badge: bool = True
+    sound: Annotated[str, StringConstraints(max_length=64)] | None = "default"
+
+    @field_validator("vip_senders")
+    @classmethod
+    def _vip_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            if not _EMAILISH.match(address):
+                raise ValueError("each VIP sender must be an e-mail address")
+        return tuple(normalize_mailbox(a) for a in value)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One device's push registration for one mailbox."""
+
+    id: str
+    mailbox: str
+    device_id: str
+    platform: Platform
+    token: str = field(repr=False)
+    app_id: str
+    environment: Environment
+    locale: str | None
+    timezone: str | None
+    settings: DeviceSettings
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime
+    last_push_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationInput:
+    """What a client asks to store; the store fills in id and timestamps."""
+
+    mailbox: str
+    device_id: str
+    platform: Platform
+    token: str = field(repr=False)
+    app_id: str
+    environment: Environment = Environment.PRODUCTION
+    locale: str | None = None
+    timezone: str | None = None
+    settings: DeviceSettings = field(default_factory=DeviceSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    registration: Registration
+    created: bool
+    #: registrations that held the same token under another mailbox/device and were removed
+    displaced: tuple[Registration, ...] = ()
+
+
+class EventKind(enum.StrEnum):
+    NEW_MAIL = "new_mail"
+    MEETING_REQUEST = "meeting_request"
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxEvent:
+    """Something happened in a watched mailbox that a device may want to hear about."""
+
+    mailbox: str
+    folder: str
+    item_id: str
+    kind: EventKind
+    received_at: datetime
+    sender: str | None = None
+    subject: str | None = None
+    importance: Literal["low", "normal", "high"] = "normal"
+    unread_count: int | None = None
+
+    @property
+    def dedupe_key(self) -> str:
+        """The same item seen twice (reconnect, catch-up, redelivered webhook) has the same key."""
+        return f"{self.mailbox}\x1f{self.kind}\x1f{self.item_id}"
+
+
+class Priority(enum.IntEnum):
+    BACKGROUND = 5
+    ALERT = 10
+
+
+@dataclass(frozen=True, slots=True)
+class PushMessage:
+    """One push to one device, provider-neutral; adapters turn it into APNs or FCM requests."""
+
+    registration_id: str
+    platform: Platform
+    app_id: str
+    environment: Environment
+    token: str = field(repr=False)
+    collapse_id: str
+    priority: Priority
+    expires_at: datetime
+    payload: dict[str, object]
+    notification_id: str
+
+
+class OutcomeKind(enum.StrEnum):
+    DELIVERED = "delivered"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - an outcome name, not a secret
+    RETRY = "retry"
+    CONFIG_FAILURE = "config_failure"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a provider said about one push, translated out of HTTP into the core's terms."""
+
+    kind: OutcomeKind
+    reason: str = ""
+    retry_after_seconds: float | None = None
+    #: when the provider says the token stopped being valid (APNs 410 timestamp)
+    invalid_since: datetime | None = None
+
+
+class RegistrationChange(enum.StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationChanged:
+    """Published on the bus whenever a mailbox's set of registrations changes."""
+
+    mailbox: str
+    registration_id: str
+    change: RegistrationChange

@@ -1,0 +1,105 @@
+"""The interfaces the core talks through; adapters implement them, the composition root wires them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from bemsmail.core.model import (
+    Backend,
+    MailboxEvent,
+    Outcome,
+    PushMessage,
+    Registration,
+    RegistrationInput,
+    UpsertResult,
+)
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    """Time as the core sees it; tests drive a fake one so nothing sleeps for real."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class Store(Protocol):
+    """Durable state: mailboxes, registrations, subscriptions, nodes."""
+
+    async def upsert_registration(
+        self, data: RegistrationInput, tenant: str | None, backend: Backend
+    ) -> UpsertResult:
+        """Insert or update keyed by (mailbox, device_id); a token held elsewhere is moved, never duplicated."""
+        ...
+
+    async def get_registration(self, registration_id: str) -> Registration | None: ...
+
+    async def list_registrations(self, mailbox: str) -> Sequence[Registration]: ...
+
+    async def update_registration(
+        self, registration_id: str, changes: Mapping[str, object]
+    ) -> Registration | None:
+        """Apply field changes (keys of RegistrationInput other than mailbox/device_id); None if absent."""
+        ...
+
+    async def delete_registration(self, registration_id: str) -> Registration | None: ...
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        ...
+
+    async def schema_status(self) -> SchemaStatus: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where the database schema stands against the migrations this build ships."""
+
+    current: str | None
+    head: str
+
+    @property
+    def is_current(self) -> bool:
+        return self.current == self.head
+
+
+Handler = Callable[[T], Awaitable[None]]
+
+
+class Bus(Protocol):
+    """Fan-out of domain messages between the parts of one node and, in a cluster, between nodes."""
+
+    async def publish(self, topic: str, message: object) -> None: ...
+
+    def subscribe(self, topic: str, handler: Handler[object]) -> None: ...
+
+
+class Ownership(Protocol):
+    """Answers "does this node watch this mailbox?"; a single node owns them all, a cluster shards them."""
+
+    def owns(self, mailbox: str) -> bool: ...
+
+
+class MailSource(Protocol):
+    """Watches mailboxes (EWS, Graph) and reports what happens in them."""
+
+    async def watch(self, mailbox: str) -> None: ...
+
+    async def unwatch(self, mailbox: str) -> None: ...
+
+    def on_event(self, handler: Callable[[MailboxEvent], Awaitable[None]]) -> None: ...
+
+
+class PushSender(Protocol):
+    """Delivers one push to one provider and says what happened, in the core's terms."""
+
+    async def send(self, message: PushMessage) -> Outcome: ...

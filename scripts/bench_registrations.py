@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Benchmark: registration upserts per second and latency, 100 concurrent clients on loopback, SQLite vs MariaDB.
+
+Starts `bemsmail serve` as its own process (as in production) on each database, drives it with concurrent HTTP
+clients from this process, and prints a table and one JSON line. MariaDB is a throwaway server started here
+(Debian mariadb-server) with production durability (innodb_flush_log_at_trx_commit=1) unless --fast-disk.
+
+    .venv/bin/python scripts/bench_registrations.py [--backends sqlite,mariadb] [--clients 100] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bemsmail.devservices import MariaDB  # noqa: E402
+
+from bemsmail.devconfig import write_dev_config  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+async def drive(port: int, key: str, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """Each client re-registers its own few devices (updates) and adds new ones (creates), about half each."""
+    url = f"http://127.0.0.1:{port}/api/v1/registrations"
+    headers = {"X-API-Key": key, "Content-Type": "application/json"}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+
+    async def client(session: aiohttp.ClientSession, n: int) -> None:
+        devices: list[tuple[str, str]] = []
+        i = 0
+        while True:
+            now = time.perf_counter()
+            if now >= stop_at:
+                return
+            if devices and i % 2:
+                device_id, token = devices[i % len(devices)]
+            else:
+                device_id, token = f"c{n}-d{i}", secrets.token_hex(32)
+                if len(devices) < 8:
+                    devices.append((device_id, token))
+            body = json.dumps({"mailbox": f"user{n}-{i % 4}@example.com", "device_id": device_id, "platform": "ios",
+                               "token": token, "app_id": "com.example.mail", "timezone": "Europe/Berlin"})
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                status = resp.status
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                latencies.append(t1 - t0)
+                statuses[status] = statuses.get(status, 0) + 1
+            i += 1
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(client(session, n) for n in range(clients)))
+    latencies.sort()
+    ok = statuses.get(200, 0) + statuses.get(201, 0)
+    return {
+        "requests": len(latencies),
+        "ok": ok,
+        "errors": len(latencies) - ok,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "upserts_per_s": round(ok / seconds, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(latencies[-1] * 1000, 2) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
+    }
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"daemon exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("daemon not ready within 60 s")
+
+
+def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> dict[str, Any]:
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
+    config = work / "bemsmail.toml"
+    key = write_dev_config(config)
+    port = free_port()
+    env = {**os.environ, "BEMSMAIL_SERVER__PORT": str(port), "BEMSMAIL_LOGGING__LEVEL": args.log_level,
+           "BEMSMAIL_LOGGING__FORMAT": "json"}
+    if name == "sqlite":
+        env["BEMSMAIL_DATABASE__URL"] = f"sqlite+aiosqlite:///{work / 'bench.db'}"
+    else:
+        db = stack.enter_context(MariaDB(durable=not args.fast_disk))
+        env["BEMSMAIL_DATABASE__URL"] = db.url
+        env["BEMSMAIL_DATABASE__POOL_SIZE"] = str(args.pool)
+        env["BEMSMAIL_DATABASE__MAX_OVERFLOW"] = "0"
+    bemsmail = [sys.executable, "-m", "bemsmail"]
+    subprocess.run([*bemsmail, "migrate", "--config", str(config)], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*bemsmail, "serve", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(port, proc)
+        result = asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    return {"backend": name, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="sqlite,mariadb")
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--pool", type=int, default=20, help="MariaDB connection pool size")
+    parser.add_argument("--log-level", default="info", help="the daemon's log level (info logs every request)")
+    parser.add_argument("--fast-disk", action="store_true", help="MariaDB with innodb_flush_log_at_trx_commit=2")
+    args = parser.parse_args()
+
+    results = []
+    with ExitStack() as stack:
+        for name in args.backends.split(","):
+            results.append(run_backend(name.strip(), args, stack))
+
+    print(f"\nRegistration upserts: {args.clients} concurrent clients, {args.seconds:g} s measured after "
+          f"{args.warmup:g} s warm-up, daemon log level {args.log_level}, "
+          f"MariaDB durability {'flush=2' if args.fast_disk else 'flush=1 (default)'}, {os.cpu_count()} cores")
+    print(f"{'backend':<9} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'requests':>9} {'errors':>7}")
+    for r in results:
+        print(f"{r['backend']:<9} {r['upserts_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+              f"{r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7}")
+    print(json.dumps({"benchmark": "registrations", "clients": args.clients, "seconds": args.seconds,
+                      "python": platform.python_version(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
