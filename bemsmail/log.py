@@ -118,3 +118,5 @@ def configure_logging(
     root.setLevel(level.upper())
     # aiohttp's access log repeats what our request log line says, minus redaction: keep it quiet.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Alembic announces its context on every schema check (each /readyz); `bemsmail migrate` reports itself.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)

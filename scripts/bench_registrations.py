@@ -31,7 +31,6 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bemsmail.devservices import MariaDB  # noqa: E402
 
 from bemsmail.devconfig import write_dev_config  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -45,7 +44,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def drive(port: int, key: str, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
-    """Each client re-registers its own few devices (updates) and adds new ones (creates), about half each."""
     url = f"http://127.0.0.1:{port}/api/v1/registrations"
     headers = {"X-API-Key": key, "Content-Type": "application/json"}
     latencies: list[float] = []
@@ -55,20 +53,18 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
     stop_at = measure_from + seconds
 
     async def client(session: aiohttp.ClientSession, n: int) -> None:
-        devices: list[tuple[str, str]] = []
+        # Each client is a stream of app installs: a new device (and every second time a new mailbox) or the
+        # re-registration of one of its recent devices (as apps do at launch), about half each.
+        recent: list[tuple[str, str, str]] = []
         i = 0
-        while True:
-            now = time.perf_counter()
-            if now >= stop_at:
-                return
-            if devices and i % 2:
-                device_id, token = devices[i % len(devices)]
+        while time.perf_counter() < stop_at:
+            if recent and i % 2:
+                mailbox, device_id, token = recent[i % len(recent)]
             else:
-                device_id, token = f"c{n}-d{i}", secrets.token_hex(32)
-                if len(devices) < 8:
-                    devices.append((device_id, token))
-            body = json.dumps({"mailbox": f"user{n}-{i % 4}@example.com", "device_id": device_id, "platform": "ios",
-                               "token": token, "app_id": "com.example.mail", "timezone": "Europe/Berlin"})
+                mailbox, device_id, token = f"user{n}-{i // 2}@example.com", f"c{n}-d{i}", secrets.token_hex(32)
+                recent = [*recent[-7:], (mailbox, device_id, token)]
+            body = json.dumps({"mailbox": mailbox, "device_id": device_id, "platform": "ios", "token": token,
+                               "app_id": "com.example.mail", "timezone": "Europe/Berlin"})
             t0 = time.perf_counter()
             async with session.post(url, data=body, headers=headers) as resp:
                 await resp.read()
@@ -123,6 +119,8 @@ def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> dict[s
     if name == "sqlite":
         env["BEMSMAIL_DATABASE__URL"] = f"sqlite+aiosqlite:///{work / 'bench.db'}"
     else:
+        from bemsmail.devservices import MariaDB
+
         db = stack.enter_context(MariaDB(durable=not args.fast_disk))
         env["BEMSMAIL_DATABASE__URL"] = db.url
         env["BEMSMAIL_DATABASE__POOL_SIZE"] = str(args.pool)

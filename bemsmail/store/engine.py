@@ -49,7 +49,10 @@ def create_engine(config: DatabaseConfig) -> AsyncEngine:
         pool_size=config.pool_size,
         max_overflow=config.max_overflow,
         pool_recycle=config.pool_recycle_seconds,
-        pool_pre_ping=True,
+        # No pre-ping round trip per checkout: a dead pooled connection fails one attempt, which the store
+        # retries on a fresh connection. No reset on return: every use ends in commit or rollback already.
+        pool_pre_ping=False,
+        pool_reset_on_return=None,
         isolation_level="READ COMMITTED",
         connect_args={"connect_timeout": config.connect_timeout_seconds},
     )

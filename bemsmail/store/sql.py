@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql as mysql_dialect
@@ -28,7 +29,10 @@ from bemsmail.core.model import (
 )
 from bemsmail.core.ports import Clock, SchemaStatus
 from bemsmail.store import schema
+from bemsmail.store.batching import Batcher
 from bemsmail.store.tables import mailboxes, registrations
+
+T = TypeVar("T")
 
 # MySQL error codes worth retrying the whole transaction for: deadlock, lock wait timeout, duplicate key
 # (two clients inserting the same new key at once: the loser retries and finds the winner's row).
@@ -37,6 +41,13 @@ _MAX_ATTEMPTS = 5
 _KNOWN_MAILBOXES = 100_000
 
 MUTABLE_FIELDS = frozenset({"token", "app_id", "environment", "locale", "timezone", "settings"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Upsert:
+    data: RegistrationInput
+    tenant: str | None
+    backend: Backend
 
 
 class StoreConflict(Exception):
@@ -80,6 +91,7 @@ class SqlStore:
         self._write_lock = asyncio.Lock() if self._sqlite else None
         # Mailbox rows are never deleted while registrations point at them, so "we inserted it" stays true.
         self._known_mailboxes: OrderedDict[str, None] = OrderedDict()
+        self._upserts: Batcher[_Upsert, UpsertResult] = Batcher(self._upsert_batch)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -94,12 +106,14 @@ class SqlStore:
             async with self._write_lock, self._engine.begin() as conn:
                 yield conn
 
-    async def _retrying(self, work: Any) -> Any:
+    async def _retrying(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         for attempt in range(_MAX_ATTEMPTS):
             try:
                 async with self._transaction() as conn:
                     return await work(conn)
             except DBAPIError as exc:
+                if exc.connection_invalidated and attempt < _MAX_ATTEMPTS - 1:
+                    continue  # a pooled connection had died (server restart, idle timeout): use a fresh one
                 if not _retryable(exc) or attempt == _MAX_ATTEMPTS - 1:
                     if _retryable(exc):
                         raise StoreConflict("gave up after repeated write conflicts") from exc
@@ -109,24 +123,32 @@ class SqlStore:
 
     # --- mailboxes -------------------------------------------------------------------------------------------
 
-    async def _ensure_mailbox(self, conn: AsyncConnection, address: str, tenant: str | None,
-                              backend: Backend) -> None:
-        if address in self._known_mailboxes:
-            self._known_mailboxes.move_to_end(address)
-            return
+    async def _insert_mailboxes(self, conn: AsyncConnection, batch: Sequence[_Upsert]) -> list[str]:
+        """Insert-if-absent the batch's mailboxes not known to exist; returns those to remember after commit."""
+        unknown = {item.data.mailbox: item for item in batch if item.data.mailbox not in self._known_mailboxes}
+        if not unknown:
+            return []
         now = self._clock.now()
-        values = {"address": address, "tenant": tenant, "backend": backend.value,
-                  "state": MailboxState.ACTIVE.value, "created_at": now, "updated_at": now}
+        rows = [
+            {"address": address, "tenant": item.tenant, "backend": item.backend.value,
+             "state": MailboxState.ACTIVE.value, "created_at": now, "updated_at": now}
+            for address, item in sorted(unknown.items())
+        ]
         stmt: sa.Executable
         if self._sqlite:
-            stmt = sqlite_dialect.insert(mailboxes).values(values).on_conflict_do_nothing()
+            stmt = sqlite_dialect.insert(mailboxes).on_conflict_do_nothing()
         else:
-            stmt = mysql_dialect.insert(mailboxes).values(values).on_duplicate_key_update(
-                address=mailboxes.c.address
-            )
-        await conn.execute(stmt)
-        self._known_mailboxes[address] = None
-        if len(self._known_mailboxes) > _KNOWN_MAILBOXES:
+            insert = mysql_dialect.insert(mailboxes)
+            stmt = insert.on_duplicate_key_update(address=insert.inserted.address)
+        await conn.execute(stmt, rows)
+        return list(unknown)
+
+    def _remember_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Mailbox rows are never deleted while registrations point at them, so "it exists" stays true."""
+        for address in addresses:
+            self._known_mailboxes[address] = None
+            self._known_mailboxes.move_to_end(address)
+        while len(self._known_mailboxes) > _KNOWN_MAILBOXES:
             self._known_mailboxes.popitem(last=False)
 
     # --- registrations ---------------------------------------------------------------------------------------
@@ -134,31 +156,54 @@ class SqlStore:
     async def upsert_registration(
         self, data: RegistrationInput, tenant: str | None, backend: Backend
     ) -> UpsertResult:
-        fingerprint = token_fingerprint(data.token)
+        return await self._upserts.submit(_Upsert(data, tenant, backend))
 
-        async def work(conn: AsyncConnection) -> UpsertResult:
-            now = self._clock.now()
-            await self._ensure_mailbox(conn, data.mailbox, tenant, backend)
-            r = registrations.c
-            rows = (
-                await conn.execute(
-                    sa.select(registrations)
-                    .where(
-                        sa.or_(
-                            sa.and_(r.mailbox == data.mailbox, r.device_id == data.device_id),
-                            r.token_hash == fingerprint,
-                        )
-                    )
-                    .with_for_update()
-                )
-            ).mappings().all()
-            existing = next(
-                (row for row in rows if row["mailbox"] == data.mailbox and row["device_id"] == data.device_id),
-                None,
+    async def _upsert_batch(self, batch: Sequence[_Upsert]) -> list[UpsertResult | BaseException]:
+        try:
+            results, inserted = await self._retrying(lambda conn: self._upsert_all(conn, batch))
+        except (DBAPIError, StoreConflict) as exc:
+            if len(batch) == 1:
+                return [exc]
+            # One bad item must not fail the others: write them one by one.
+            return [(await self._upsert_batch([item]))[0] for item in batch]
+        self._remember_mailboxes(inserted)
+        return list(results)
+
+    async def _upsert_all(
+        self, conn: AsyncConnection, batch: Sequence[_Upsert]
+    ) -> tuple[list[UpsertResult], list[str]]:
+        """Apply the batch as if its upserts ran one after another, in a handful of statements."""
+        now = self._clock.now()
+        inserted_mailboxes = await self._insert_mailboxes(conn, batch)
+        r = registrations.c
+        keys = sorted({(item.data.mailbox, item.data.device_id) for item in batch})
+        hashes = sorted({token_fingerprint(item.data.token) for item in batch})
+        rows = (
+            await conn.execute(
+                sa.select(registrations)
+                .where(sa.or_(sa.tuple_(r.mailbox, r.device_id).in_(keys), r.token_hash.in_(hashes)))
+                .order_by(r.id)
+                .with_for_update()
             )
-            displaced = [row for row in rows if row is not existing]
-            if displaced:
-                await conn.execute(sa.delete(registrations).where(r.id.in_([row["id"] for row in displaced])))
+        ).mappings().all()
+        stored = {row["id"]: dict(row) for row in rows}
+        by_key = {(row["mailbox"], row["device_id"]): row["id"] for row in stored.values()}
+        by_hash = {row["token_hash"]: row["id"] for row in stored.values()}
+        live: dict[str, dict[str, Any]] = dict(stored)
+        touched: set[str] = set()
+        results = []
+        for item in batch:
+            data = item.data
+            fingerprint = token_fingerprint(data.token)
+            key = (data.mailbox, data.device_id)
+            displaced = []
+            holder = by_hash.get(fingerprint)
+            if holder is not None and (live[holder]["mailbox"], live[holder]["device_id"]) != key:
+                gone = live.pop(holder)
+                del by_key[(gone["mailbox"], gone["device_id"])]
+                del by_hash[fingerprint]
+                touched.add(holder)
+                displaced.append(_row_to_registration(gone))
             values: dict[str, Any] = {
                 "platform": data.platform.value,
                 "token": data.token,
@@ -171,27 +216,29 @@ class SqlStore:
                 "updated_at": now,
                 "last_seen_at": now,
             }
-            if existing is not None:
-                await conn.execute(sa.update(registrations).where(r.id == existing["id"]).values(values))
-                stored = {**existing, **values}
+            existing_id = by_key.get(key)
+            if existing_id is not None:
+                row = live[existing_id]
+                if by_hash.get(row["token_hash"]) == existing_id:
+                    del by_hash[row["token_hash"]]
+                row.update(values)
             else:
-                stored = {
-                    **values,
-                    "id": uuid.uuid4().hex,
-                    "mailbox": data.mailbox,
-                    "device_id": data.device_id,
-                    "created_at": now,
-                    "last_push_at": None,
-                }
-                await conn.execute(sa.insert(registrations).values(stored))
-            return UpsertResult(
-                registration=_row_to_registration(stored),
-                created=existing is None,
-                displaced=tuple(_row_to_registration(row) for row in displaced),
-            )
-
-        result: UpsertResult = await self._retrying(work)
-        return result
+                row = {**values, "id": uuid.uuid4().hex, "mailbox": data.mailbox, "device_id": data.device_id,
+                       "created_at": now, "last_push_at": None}
+                live[row["id"]] = row
+                by_key[key] = row["id"]
+            by_hash[fingerprint] = row["id"]
+            touched.add(row["id"])
+            results.append(UpsertResult(_row_to_registration(row), existing_id is None, tuple(displaced)))
+        # Rewrite every touched row: delete the stored versions, insert the final ones. Unlike row-by-row
+        # updates this cannot trip over a unique token that moves between rows within the batch.
+        stale = sorted(touched & stored.keys())
+        if stale:
+            await conn.execute(sa.delete(registrations).where(r.id.in_(stale)))
+        final = [live[i] for i in sorted(touched & live.keys())]
+        if final:
+            await conn.execute(sa.insert(registrations), final)
+        return results, inserted_mailboxes
 
     async def get_registration(self, registration_id: str) -> Registration | None:
         async with self._engine.connect() as conn:
@@ -243,8 +290,7 @@ class SqlStore:
             await conn.execute(sa.update(registrations).where(r.id == registration_id).values(values))
             return _row_to_registration({**row, **values})
 
-        updated: Registration | None = await self._retrying(work)
-        return updated
+        return await self._retrying(work)
 
     async def delete_registration(self, registration_id: str) -> Registration | None:
         async def work(conn: AsyncConnection) -> Registration | None:
@@ -258,8 +304,7 @@ class SqlStore:
             await conn.execute(sa.delete(registrations).where(registrations.c.id == registration_id))
             return _row_to_registration(row)
 
-        deleted: Registration | None = await self._retrying(work)
-        return deleted
+        return await self._retrying(work)
 
     # --- health ----------------------------------------------------------------------------------------------
 
@@ -271,4 +316,5 @@ class SqlStore:
         return await schema.schema_status(self._engine)
 
     async def close(self) -> None:
+        await self._upserts.close()
         await self._engine.dispose()
