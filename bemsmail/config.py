@@ -401,11 +401,17 @@ def _check_service_account(path: Path) -> None:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> Iterable[tuple[list[str], str]]:
+    """BEMSMAIL_SECTION__KEY=value pairs. A name without `__` is an override only if it names a top-level key
+    (`BEMSMAIL_TENANTS='[...]'`); others, such as BEMSMAIL_CONFIG or the test suite's BEMSMAIL_REQUIRE_SERVICES,
+    belong to someone else. A nested name is always ours, so a typo in it is reported, not ignored."""
     for name, value in environ.items():
-        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG":
-            path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
-            if all(path):
-                yield path, value
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
+        if len(path) == 1 and path[0] not in Config.model_fields:
+            continue
+        if all(path):
+            yield path, value
 
 
 def _parse_env_value(value: str) -> Any:

@@ -186,3 +186,12 @@ def test_check_config_cli_exit_code_and_lines(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "bemsmail", "check-config", "--config", str(path)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "configuration OK" in ok.stdout
+
+
+def test_environment_names_outside_the_config_are_left_alone(tmp_path: Path) -> None:
+    """BEMSMAIL_CONFIG or CI's BEMSMAIL_REQUIRE_SERVICES are not config keys; a top-level table may be JSON."""
+    path = tmp_path / "c.toml"
+    path.write_text(MINIMAL)
+    config = load_config(path, {"BEMSMAIL_REQUIRE_SERVICES": "1", "BEMSMAIL_CONFIG": "/x.toml",
+                                "BEMSMAIL_RELAY": '{"coalesce_seconds": 2}'})
+    assert config.relay.coalesce_seconds == 2
