@@ -43,7 +43,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def drive(port: int, key: str, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+async def drive(port: int, key: str, clients: int, seconds: float, warmup: float, rate: float) -> dict[str, Any]:
+    """Closed loop (rate 0: each client sends as soon as its last answer came) or paced (`rate` requests/s
+    offered in total, whatever the answers do). Paced latency counts from the scheduled send time, so a
+    server that falls behind is charged for the queueing it causes (no coordinated omission)."""
     url = f"http://127.0.0.1:{port}/api/v1/registrations"
     headers = {"X-API-Key": key, "Content-Type": "application/json"}
     latencies: list[float] = []
@@ -51,6 +54,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
+    slots = iter(range(10**9))
 
     async def client(session: aiohttp.ClientSession, n: int) -> None:
         # Each client is a stream of app installs: a new device (and every second time a new mailbox) or the
@@ -66,6 +70,11 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
             body = json.dumps({"mailbox": mailbox, "device_id": device_id, "platform": "ios", "token": token,
                                "app_id": "com.example.mail", "timezone": "Europe/Berlin"})
             t0 = time.perf_counter()
+            if rate:
+                t0 = start + next(slots) / rate
+                if t0 >= stop_at:
+                    break
+                await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
             async with session.post(url, data=body, headers=headers) as resp:
                 await resp.read()
                 status = resp.status
@@ -85,6 +94,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
         "ok": ok,
         "errors": len(latencies) - ok,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "mode": f"paced {rate:g}/s" if rate else "max",
         "upserts_per_s": round(ok / seconds, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
@@ -109,7 +119,7 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("daemon not ready within 60 s")
 
 
-def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> dict[str, Any]:
+def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> list[dict[str, Any]]:
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
     config = work / "bemsmail.toml"
     key = write_dev_config(config)
@@ -131,11 +141,12 @@ def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> dict[s
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_healthy(port, proc)
-        result = asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup))
+        results = [{"backend": name, **asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup, rate))}
+                   for rate in (0.0, *args.rates)]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    return {"backend": name, **result}
+    return results
 
 
 def main() -> None:
@@ -144,6 +155,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",") if x], default=[1500.0],
+                        help="paced runs after the closed-loop one, in requests/s offered (comma-separated)")
     parser.add_argument("--pool", type=int, default=20, help="MariaDB connection pool size")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (info logs every request)")
     parser.add_argument("--fast-disk", action="store_true", help="MariaDB with innodb_flush_log_at_trx_commit=2")
@@ -152,14 +165,14 @@ def main() -> None:
     results = []
     with ExitStack() as stack:
         for name in args.backends.split(","):
-            results.append(run_backend(name.strip(), args, stack))
+            results.extend(run_backend(name.strip(), args, stack))
 
     print(f"\nRegistration upserts: {args.clients} concurrent clients, {args.seconds:g} s measured after "
           f"{args.warmup:g} s warm-up, daemon log level {args.log_level}, "
           f"MariaDB durability {'flush=2' if args.fast_disk else 'flush=1 (default)'}, {os.cpu_count()} cores")
-    print(f"{'backend':<9} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'requests':>9} {'errors':>7}")
+    print(f"{'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'requests':>9} {'errors':>7}")
     for r in results:
-        print(f"{r['backend']:<9} {r['upserts_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+        print(f"{r['backend']:<9} {r['mode']:<14} {r['upserts_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
               f"{r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7}")
     print(json.dumps({"benchmark": "registrations", "clients": args.clients, "seconds": args.seconds,
                       "python": platform.python_version(), "results": results}))

@@ -1,0 +1,156 @@
+"""The SQL store, run unchanged on the embedded SQLite default and on a real MariaDB server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from bemsmail.config import DatabaseConfig
+from bemsmail.core.clock import FakeClock
+from bemsmail.core.model import (
+    Backend,
+    DeviceSettings,
+    Environment,
+    Platform,
+    QuietHours,
+    RegistrationInput,
+    token_fingerprint,
+)
+from bemsmail.store.engine import create_engine
+from bemsmail.store.schema import head_revision, migrate, schema_problem, schema_status
+from bemsmail.store.sql import SqlStore
+from bemsmail.store.tables import registrations
+
+
+def reg(mailbox: str = "alice@example.com", device: str = "d1", token: str = "ab" * 32,
+        **extra: object) -> RegistrationInput:
+    return RegistrationInput(mailbox=mailbox, device_id=device, platform=Platform.IOS, token=token,
+                             app_id="com.example.mail", **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[SqlStore]:
+    engine = create_engine(DatabaseConfig(url=db_url))
+    await migrate(engine)
+    s = SqlStore(engine, FakeClock(datetime(2026, 3, 1, tzinfo=UTC)))
+    yield s
+    await s.close()
+
+
+async def test_migrations_reach_head_and_report_status(db_url: str) -> None:
+    engine = create_engine(DatabaseConfig(url=db_url))
+    try:
+        before = await schema_status(engine)
+        assert before.current is None and "bemsmail migrate" in (schema_problem(before) or "")
+        after = await migrate(engine)
+        assert after.is_current and after.current == head_revision() and schema_problem(after) is None
+        assert (await migrate(engine)).is_current  # idempotent
+        async with engine.begin() as conn:
+            tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+            assert {"mailboxes", "registrations", "subscriptions", "nodes"} <= tables
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = 'fffffffffff'"))
+        problem = schema_problem(await schema_status(engine))
+        assert problem is not None and "newer than this build" in problem
+    finally:
+        await engine.dispose()
+
+
+async def test_upsert_creates_then_updates_the_same_row(store: SqlStore) -> None:
+    first = await store.upsert_registration(reg(), "example", Backend.EWS)
+    assert first.created and not first.displaced
+    settings = DeviceSettings(folders=("Inbox", "VIP"), quiet_hours=QuietHours(start="22:00", end="07:00"))  # type: ignore[arg-type]
+    second = await store.upsert_registration(
+        reg(token="cd" * 32, environment=Environment.SANDBOX, timezone="Europe/Berlin", settings=settings),
+        "example", Backend.EWS,
+    )
+    assert not second.created
+    got = await store.get_registration(first.registration.id)
+    assert got is not None
+    assert got.id == first.registration.id and got.token == "cd" * 32
+    assert got.environment is Environment.SANDBOX and got.timezone == "Europe/Berlin"
+    assert got.settings == settings
+    assert got.created_at == first.registration.created_at
+    assert [r.id for r in await store.list_registrations("alice@example.com")] == [got.id]
+
+
+async def test_a_token_moves_and_is_never_duplicated(store: SqlStore) -> None:
+    token = "ef" * 32
+    a = await store.upsert_registration(reg(device="old", token=token), "example", Backend.EWS)
+    moved = await store.upsert_registration(reg(mailbox="bob@example.com", device="new", token=token),
+                                            "example", Backend.EWS)
+    assert moved.created
+    assert [d.id for d in moved.displaced] == [a.registration.id]
+    assert await store.get_registration(a.registration.id) is None
+    assert await store.list_registrations("alice@example.com") == []
+    async with store.engine.connect() as conn:
+        holders = (await conn.execute(
+            sa.select(sa.func.count()).where(registrations.c.token_hash == token_fingerprint(token))
+        )).scalar_one()
+    assert holders == 1
+
+
+async def test_concurrent_upserts_end_as_if_sequential(store: SqlStore) -> None:
+    """A burst of upserts (group-committed) keeps both invariants: one row per device, one holder per token."""
+    rnd = random.Random(7)
+    tokens = [f"{i:02x}" * 32 for i in range(40)]
+    items = [reg(mailbox=f"u{rnd.randrange(10)}@example.com", device=f"d{rnd.randrange(5)}",
+                 token=rnd.choice(tokens)) for _ in range(300)]
+    results = await asyncio.gather(*(store.upsert_registration(i, "example", Backend.EWS) for i in items))
+    # The last write for each token wins its device; replay sequentially to get the expected final state.
+    expected: dict[tuple[str, str], str] = {}
+    for item in items:
+        expected = {k: t for k, t in expected.items() if t != item.token}
+        expected[(item.mailbox, item.device_id)] = item.token
+    stored = {}
+    for n in range(10):
+        for r in await store.list_registrations(f"u{n}@example.com"):
+            stored[(r.mailbox, r.device_id)] = r.token
+    assert stored == expected
+    assert sum(r.created for r in results) >= len(expected)
+
+
+async def test_update_and_delete(store: SqlStore) -> None:
+    a = (await store.upsert_registration(reg(device="a", token="01" * 32), "example", Backend.EWS)).registration
+    b = (await store.upsert_registration(reg(device="b", token="02" * 32), "example", Backend.EWS)).registration
+    updated = await store.update_registration(a.id, {"token": "02" * 32, "locale": "de-DE"})
+    assert updated is not None and updated.token == "02" * 32 and updated.locale == "de-DE"
+    assert await store.get_registration(b.id) is None  # b's token moved to a
+    assert await store.update_registration("missing", {"locale": "en"}) is None
+    with pytest.raises(ValueError, match="not updatable"):
+        await store.update_registration(a.id, {"mailbox": "x@example.com"})
+    deleted = await store.delete_registration(a.id)
+    assert deleted is not None and deleted.id == a.id
+    assert await store.delete_registration(a.id) is None
+    assert await store.list_registrations("alice@example.com") == []
+
+
+async def test_registrations_survive_a_new_engine(db_url: str) -> None:
+    engine = create_engine(DatabaseConfig(url=db_url))
+    await migrate(engine)
+    first = SqlStore(engine, FakeClock())
+    created = await first.upsert_registration(reg(), "example", Backend.EWS)
+    await first.close()
+    second = SqlStore(create_engine(DatabaseConfig(url=db_url)), FakeClock())
+    try:
+        again = await second.get_registration(created.registration.id)
+        assert again is not None and again.token == "ab" * 32 and again.mailbox == "alice@example.com"
+        assert again.created_at.tzinfo is not None
+    finally:
+        await second.close()
+
+
+async def test_timestamps_keep_microseconds_and_utc(store: SqlStore) -> None:
+    clock = FakeClock(datetime(2026, 7, 1, 12, 0, 0, 123456, tzinfo=UTC))
+    s = SqlStore(store.engine, clock)
+    created = await s.upsert_registration(reg(), "example", Backend.EWS)
+    await clock.advance(90)
+    await s.upsert_registration(reg(), "example", Backend.EWS)
+    got = await s.get_registration(created.registration.id)
+    assert got is not None
+    assert got.created_at == datetime(2026, 7, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    assert got.last_seen_at - got.created_at == timedelta(seconds=90)
