@@ -61,40 +61,85 @@ def generate_api_key() -> str:
 
 
 class _Jwks:
-    """The issuer's signing keys by kid: cached, refreshed on an unknown kid at a bounded rate, one fetch at a time."""
+    """The issuer's signing keys by kid: cached, refreshed on an unknown kid at a bounded rate, one fetch at a time.
+
+    A failed fetch counts against the rate bound too: requests waiting on it share its failure, and later ones
+    fail fast until the minimum interval has passed, so an IdP outage is not met with a fetch (and a timeout)
+    per request. Keys already known keep verifying while a refresh fails."""
 
     def __init__(self, config: OidcConfig, session: Callable[[], aiohttp.ClientSession]) -> None:
         self._config = config
         self._session = session
-        self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at = -float("inf")
+        self._keys: dict[str, dict[str, Any]] = {}  # kid -> the JWK as published
+        self._prepared: dict[tuple[str, str], jwt.PyJWK] = {}  # (kid, alg) -> key bound to that alg
+        self._fetched_at = -float("inf")  # last successful fetch
+        self._attempted_at = -float("inf")  # last completed fetch attempt, successful or not
+        self._attempts = 0
+        self._failure: str | None = None  # detail of the last attempt's failure; None if it succeeded
         self._lock = asyncio.Lock()
         self._jwks_url = str(config.jwks_url) if config.jwks_url else None
         self._ssl: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file else True
         )
 
-    async def key(self, kid: str) -> jwt.PyJWK:
+    async def key(self, kid: str, alg: str) -> jwt.PyJWK:
         now = time.monotonic()
         if kid not in self._keys or now - self._fetched_at > self._config.jwks_cache_seconds:
-            await self._refresh(kid)
-        found = self._keys.get(kid)
-        if found is None:
+            try:
+                await self._refresh(kid)
+            except AuthUnavailable:
+                if kid not in self._keys:
+                    raise
+                log.warning("jwks_refresh_failed_using_cached_keys", kid=kid[:64])
+        jwk = self._keys.get(kid)
+        if jwk is None:
             raise AuthError("token signed by an unknown key")
-        return found
+        return self._for_alg(kid, jwk, alg)
+
+    def _for_alg(self, kid: str, jwk: dict[str, Any], alg: str) -> jwt.PyJWK:
+        """The key bound to the token's (already allowed) alg. A JWK that names its alg is used with that alg
+        only; one that does not (Entra's) is used with whichever allowed alg its key type supports."""
+        prepared = self._prepared.get((kid, alg))
+        if prepared is None:
+            if jwk.get("alg", alg) != alg:
+                raise AuthError("token algorithm does not match its signing key")
+            try:
+                prepared = jwt.PyJWK(jwk, algorithm=alg)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
+                raise AuthError("token algorithm does not match its signing key") from None
+            self._prepared[(kid, alg)] = prepared
+        return prepared
 
     async def _refresh(self, kid: str) -> None:
-        fetched_before = self._fetched_at
+        attempts_before = self._attempts
         async with self._lock:
-            if self._fetched_at != fetched_before:
-                return  # another request refreshed while we waited
-            stale = time.monotonic() - self._fetched_at > self._config.jwks_cache_seconds
-            too_soon = time.monotonic() - self._fetched_at < self._config.jwks_refresh_min_interval_seconds
-            if too_soon and not stale:
+            if self._attempts != attempts_before:
+                # another request fetched while we waited: share its outcome instead of fetching again
+                if self._failure is not None:
+                    raise AuthUnavailable(self._failure)
                 return
-            self._keys = await self._fetch()
+            now = time.monotonic()
+            if now - self._attempted_at < self._config.jwks_refresh_min_interval_seconds:
+                if self._failure is not None:
+                    raise AuthUnavailable(self._failure)  # it failed moments ago: do not hammer it
+                if now - self._fetched_at <= self._config.jwks_cache_seconds:
+                    return  # fetched moments ago: an unknown kid stays unknown until the interval passes
+            try:
+                keys = await self._fetch()
+            except AuthUnavailable as exc:
+                self._attempted(now, exc.detail)
+                raise
+            self._attempted(now, None)
+            self._keys = keys
+            self._prepared = {}
             self._fetched_at = time.monotonic()
-            log.info("jwks_refreshed", keys=len(self._keys), wanted_kid=kid)
+            log.info("jwks_refreshed", keys=len(self._keys), wanted_kid=kid[:64])
+
+    def _attempted(self, at: float, failure: str | None) -> None:
+        """Record a completed attempt (a cancelled one is none: the next waiter tries again)."""
+        self._attempts += 1
+        self._attempted_at = at
+        self._failure = failure
 
     async def _get_json(self, url: str) -> Any:
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
@@ -107,7 +152,7 @@ class _Jwks:
             log.warning("jwks_fetch_failed", url=url, error=type(exc).__name__)
             raise AuthUnavailable("the identity provider's keys cannot be fetched right now") from None
 
-    async def _fetch(self) -> dict[str, jwt.PyJWK]:
+    async def _fetch(self) -> dict[str, dict[str, Any]]:
         if self._jwks_url is None:
             issuer = str(self._config.issuer).rstrip("/")
             metadata = await self._get_json(f"{issuer}/.well-known/openid-configuration")
@@ -115,14 +160,19 @@ class _Jwks:
                 raise AuthUnavailable("the issuer's metadata has no jwks_uri")
             self._jwks_url = metadata["jwks_uri"]
         document = await self._get_json(self._jwks_url)
-        keys: dict[str, jwt.PyJWK] = {}
-        for entry in document.get("keys", []) if isinstance(document, dict) else []:
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise AuthUnavailable("the identity provider's key set is not a JWKS (no \"keys\" list)")
+        keys: dict[str, dict[str, Any]] = {}
+        for entry in entries:
             if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" or "kid" not in entry:
                 continue
             try:
-                keys[str(entry["kid"])] = jwt.PyJWK(entry)
+                jwt.PyJWK(entry)  # usable at all? (bound to the token's alg when used)
             except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
-                log.warning("jwks_key_skipped", kid=str(entry.get("kid")))
+                log.warning("jwks_key_skipped", kid=str(entry.get("kid"))[:64])
+                continue
+            keys[str(entry["kid"])] = entry
         return keys
 
 
@@ -185,14 +235,14 @@ class Authenticator:
             raise AuthError("bearer tokens are not accepted here")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:  # DecodeError, and also a non-string kid or an unsupported crit
             raise AuthError("malformed bearer token") from None
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in oidc.algorithms:
             raise AuthError("token algorithm not accepted")
         if not isinstance(kid, str) or not kid:
             raise AuthError("token has no key id (kid)")
-        key = await self._jwks.key(kid)
+        key = await self._jwks.key(kid, str(alg))
         try:
             claims = jwt.decode(
                 token,
@@ -215,6 +265,8 @@ class Authenticator:
             raise AuthError(f"token lacks the {exc.claim!r} claim") from None
         except jwt.InvalidSignatureError:
             raise AuthError("token signature invalid") from None
+        except (jwt.InvalidAlgorithmError, jwt.InvalidKeyError):  # e.g. an EC key on another curve than the alg's
+            raise AuthError("token algorithm does not match its signing key") from None
         except jwt.InvalidTokenError:
             raise AuthError("invalid bearer token") from None
         mailbox = claims.get(oidc.mailbox_claim)
