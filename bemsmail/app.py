@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import structlog
 from aiohttp import web
@@ -15,9 +17,13 @@ from bemsmail.cluster.memory import InProcessBus, OwnsEverything
 from bemsmail.config import Config
 from bemsmail.core.clock import SystemClock
 from bemsmail.core.model import Backend, Platform
+from bemsmail.core.ports import PushSender
 from bemsmail.core.registrations import RegistrationService
+from bemsmail.core.relay import Relay, RelayPolicy
+from bemsmail.core.rules import RulePolicy
 from bemsmail.core.tenants import Tenant, TenantDirectory
-from bemsmail.metrics import Metrics
+from bemsmail.metrics import Metrics, PushMetrics, RelayMetrics
+from bemsmail.push.dispatcher import Dispatcher, RetryPolicy
 from bemsmail.store.engine import create_engine, safe_url
 from bemsmail.store.schema import migrate, schema_problem, schema_status
 from bemsmail.store.sql import SqlStore
@@ -30,13 +36,52 @@ class StartupError(Exception):
 
 
 def tenant_directory(config: Config) -> TenantDirectory:
-    return TenantDirectory(Tenant(t.name, Backend(t.backend), tuple(t.domains)) for t in config.tenants)
+    return TenantDirectory(Tenant(t.name, Backend(t.backend), tuple(t.domains), t.rich_content)
+                           for t in config.tenants)
 
 
 def app_platforms(config: Config) -> dict[str, Platform]:
     apps = {a.id: Platform.IOS for a in config.apns.apps}
     apps.update({a.id: Platform.ANDROID for a in config.fcm.apps})
     return apps
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    push = config.push
+    return RetryPolicy(
+        max_attempts=push.max_attempts, deadline_seconds=push.deadline_seconds,
+        backoff_initial_seconds=push.backoff_initial_seconds, backoff_max_seconds=push.backoff_max_seconds,
+        quota_backoff_seconds=push.quota_backoff_seconds, circuit_failures=push.circuit_failures,
+        circuit_open_seconds=push.circuit_open_seconds, config_failure_log_seconds=push.config_failure_log_seconds,
+    )
+
+
+def relay_policy(config: Config, tenants: TenantDirectory) -> RelayPolicy:
+    relay = config.relay
+
+    def rich_allowed(mailbox: str) -> bool:
+        tenant = tenants.resolve(mailbox)
+        return tenant is not None and tenant.rich_content
+
+    return RelayPolicy(
+        rules=RulePolicy(stale_after=timedelta(hours=relay.stale_after_hours),
+                         delete_after=timedelta(days=relay.delete_after_days)),
+        dedupe_window_seconds=relay.dedupe_window_seconds,
+        coalesce_seconds=relay.coalesce_seconds,
+        rich_content=rich_allowed,
+    )
+
+
+def build_dispatcher(config: Config, dispatcher: Dispatcher) -> None:
+    """One lane per configured app, each with its own sender, concurrency and queue."""
+    from bemsmail.push.apns import ApnsSender
+    from bemsmail.push.fcm import FcmSender
+
+    senders: list[tuple[str, str, PushSender, int]] = []
+    senders += [("apns", app.id, ApnsSender(app), app.concurrency) for app in config.apns.apps]
+    senders += [("fcm", app.id, FcmSender(app), app.concurrency) for app in config.fcm.apps]
+    for provider, app_id, sender, concurrency in senders:
+        dispatcher.add_app(provider, app_id, sender, concurrency, config.push.queue_size)
 
 
 class Node:
@@ -51,14 +96,26 @@ class Node:
         self.ownership = OwnsEverything()
         self._engine = create_engine(config.database)
         self.store = SqlStore(self._engine, self.clock)
-        self.service = RegistrationService(self.store, self.bus, tenant_directory(config), app_platforms(config))
+        tenants = tenant_directory(config)
+        self.service = RegistrationService(self.store, self.bus, tenants, app_platforms(config))
+        self.dispatcher = Dispatcher(self.clock, retry_policy(config), observer=PushMetrics(self.metrics))
+        build_dispatcher(config, self.dispatcher)
+        self.metrics.watch_dispatcher(self.dispatcher, self._credential_expiry)
+        self.relay = Relay(self.store, self.dispatcher, self.bus, self.clock, relay_policy(config, tenants),
+                           RelayMetrics(self.metrics))
+        self._pushing = False
         self.authenticator = Authenticator(config.api.auth)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
+    def _credential_expiry(self) -> Iterator[tuple[str, str, datetime | None]]:
+        for lane in self.dispatcher.lanes.values():
+            yield lane.provider, lane.app_id, lane.sender.credential_expiry()
+
     async def start(self) -> None:
         await self._check_schema()
         await self.authenticator.start()
+        await self.start_pushing()
         api = create_api(self.service, self.store, self.authenticator, self.metrics,
                          self.config.server.max_body_bytes)
         self._runner = web.AppRunner(
@@ -96,8 +153,16 @@ class Node:
         context.load_cert_chain(tls.cert_file, tls.key_file)
         return context
 
+    async def start_pushing(self) -> None:
+        """Senders, dispatcher lanes and the relay: everything between a mailbox event and a push."""
+        await asyncio.gather(*(lane.sender.start() for lane in self.dispatcher.lanes.values()))
+        self.dispatcher.start()
+        self.relay.start()
+        self._pushing = True
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the grace), then close pools."""
+        """Stop accepting, let in-flight requests finish (up to the grace), flush the relay, let queued pushes go
+        out (within the grace), then close senders and pools."""
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()
@@ -106,6 +171,12 @@ class Node:
                 log.warning("drain_deadline_passed", in_flight=api[IN_FLIGHT].count)
             await self._runner.cleanup()
             self._runner = None
+        if self._pushing:
+            await self.relay.stop()
+            await self.dispatcher.stop(self.config.server.shutdown_grace_seconds)
+            self._pushing = False
+        else:
+            await asyncio.gather(*(lane.sender.close() for lane in self.dispatcher.lanes.values()))
         await self.authenticator.close()
         await self.store.close()
         log.info("node_stopped")

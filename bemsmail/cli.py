@@ -1,4 +1,4 @@
-"""The `bemsmail` command: serve, migrate, check-config, init, hash-api-key."""
+"""The `bemsmail` command: serve, migrate, check-config, init, hash-api-key, mock."""
 
 from __future__ import annotations
 
@@ -154,6 +154,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+MOCKS = {"apns": "bemsmail.mocks.apns", "fcm": "bemsmail.mocks.fcm"}
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    """Each mock parses its own options: `bemsmail mock apns --help`."""
+    import importlib
+
+    module = importlib.import_module(MOCKS[args.provider])
+    code: int = module.main(args.options)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bemsmail", description="Mail push relay for Exchange and Exchange Online.")
     parser.add_argument("--version", action="version", version=f"bemsmail {__version__}")
@@ -177,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--output", "-o", default="var/bemsmail.toml")
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_init)
+    mock = sub.add_parser("mock", help="run a mock provider (real wire protocol) for tests and load tests",
+                          add_help=False)
+    mock.add_argument("provider", choices=sorted(MOCKS))
+    mock.add_argument("options", nargs=argparse.REMAINDER, help="the mock's own options (see its --help)")
+    mock.set_defaults(func=cmd_mock)
     return parser
 
 

@@ -227,6 +227,7 @@ class TenantConfig(Section):
     name: Name
     domains: list[Domain] = Field(min_length=1)
     backend: Literal["ews", "graph"]
+    rich_content: bool = False
     ews: EwsConfig | None = None
     graph: GraphConfig | None = None
 
@@ -243,6 +244,9 @@ class EndpointOverride(Section):
     host: str
     port: int = Field(443, ge=1, le=65535)
     ca_file: ReadableFile | None = None
+    #: where sandbox (development) pushes go instead; default: host / port above
+    sandbox_host: str | None = None
+    sandbox_port: int | None = Field(None, ge=1, le=65535)
 
 
 class ApnsAppConfig(Section):
@@ -256,6 +260,8 @@ class ApnsAppConfig(Section):
     endpoint: EndpointOverride | None = None
     proxy_url: AnyHttpUrl | None = None
     concurrency: int = Field(100, ge=1, le=10_000)
+    max_connections: int = Field(2, ge=1, le=100)
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _credentials(self) -> ApnsAppConfig:
@@ -277,6 +283,7 @@ class FcmAppConfig(Section):
     fcm_url: AnyHttpUrl | None = Field(None, description="override of the FCM v1 base URL")
     token_uri: AnyHttpUrl | None = Field(None, description="override of the OAuth token endpoint")
     concurrency: int = Field(100, ge=1, le=10_000)
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _credentials(self) -> FcmAppConfig:
@@ -290,6 +297,20 @@ class ApnsConfig(Section):
 
 class FcmConfig(Section):
     apps: list[FcmAppConfig] = []
+
+
+class PushConfig(Section):
+    """How the dispatcher treats every app: its queue, retries and circuit breaker."""
+
+    queue_size: int = Field(10_000, ge=1, le=1_000_000)
+    max_attempts: int = Field(5, ge=1, le=20)
+    deadline_seconds: float = Field(300.0, gt=0, le=86_400)
+    backoff_initial_seconds: float = Field(0.5, gt=0)
+    backoff_max_seconds: float = Field(60.0, gt=0)
+    quota_backoff_seconds: float = Field(30.0, gt=0)
+    circuit_failures: int = Field(5, ge=1, le=1000)
+    circuit_open_seconds: float = Field(30.0, gt=0)
+    config_failure_log_seconds: float = Field(300.0, gt=0)
 
 
 class RelayConfig(Section):
@@ -324,6 +345,7 @@ class Config(Section):
     tenants: list[TenantConfig] = []
     apns: ApnsConfig = ApnsConfig()
     fcm: FcmConfig = FcmConfig()
+    push: PushConfig = PushConfig()
     relay: RelayConfig = RelayConfig()
     cluster: ClusterConfig = ClusterConfig()
 

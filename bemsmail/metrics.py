@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from bemsmail.core.model import MailboxEvent, Outcome, OutcomeKind, PushMessage, Registration
+from bemsmail.core.relay import RelayObserver
+from bemsmail.core.rules import Verdict
+from bemsmail.push.dispatcher import Dispatcher, Lane, LaneObserver
+
+log = structlog.get_logger(__name__)
 
 # `*_created` timestamps double the series count and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -38,5 +51,133 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.pushes = Counter(
+            "bemsmail_pushes_total",
+            "Notifications finished, by provider, app and final outcome (gave_up: retries or deadline ran out).",
+            ["provider", "app", "outcome"], registry=self.registry,
+        )
+        self.push_attempts = Counter(
+            "bemsmail_push_attempts_total",
+            "Sends to a provider (each retry counts), by provider, app and what the provider said.",
+            ["provider", "app", "outcome"], registry=self.registry,
+        )
+        self.push_latency = Histogram(
+            "bemsmail_push_send_duration_seconds",
+            "Time for one send to a provider to be answered (or time out).",
+            ["provider", "app"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.push_dropped = Counter(
+            "bemsmail_push_dropped_total",
+            "Notifications dropped before sending, by reason (queue_full: the app's queue overflowed).",
+            ["provider", "app", "reason"], registry=self.registry,
+        )
+        self.relay_events = Counter(
+            "bemsmail_relay_events_total",
+            "Mailbox events seen by the relay, by kind and what became of them.",
+            ["kind", "result"], registry=self.registry,
+        )
+        self.relay_verdicts = Counter(
+            "bemsmail_relay_verdicts_total",
+            "Per-device rule decisions, by action and reason.",
+            ["action", "reason"], registry=self.registry,
+        )
+        self.registrations_deleted = Counter(
+            "bemsmail_registrations_deleted_total",
+            "Registrations deleted by bemsmail itself: dead tokens (by provider reason) and expired ones.",
+            ["reason"], registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "bemsmail_relay_store_errors_total",
+            "Bookkeeping writes of the relay that failed (and were retried or dropped).",
+            ["operation"], registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_dispatcher(self, dispatcher: Dispatcher,
+                         credential_expiry: Callable[[], Iterable[tuple[str, str, datetime | None]]]) -> None:
+        """Queue depth, in-flight sends, circuit state and credential expiry, read at scrape time (nothing on
+        the hot path)."""
+        self.registry.register(_DispatcherCollector(dispatcher, credential_expiry))
+
+
+class _DispatcherCollector(Collector):
+    def __init__(self, dispatcher: Dispatcher,
+                 credential_expiry: Callable[[], Iterable[tuple[str, str, datetime | None]]]) -> None:
+        self._dispatcher = dispatcher
+        self._expiry = credential_expiry
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["provider", "app"]
+        depth = GaugeMetricFamily("bemsmail_push_queue_depth",
+                                  "Notifications waiting in an app's queue (incl. those waiting to retry).",
+                                  labels=labels)
+        in_flight = GaugeMetricFamily("bemsmail_push_in_flight", "Sends awaiting the provider's answer.", labels=labels)
+        circuit = GaugeMetricFamily("bemsmail_push_circuit_state",
+                                    "An app's circuit breaker: 0 closed, 1 half-open (one trial), 2 open.",
+                                    labels=labels)
+        for lane in self._dispatcher.lanes.values():
+            key = [lane.provider, lane.app_id]
+            depth.add_metric(key, lane.depth)
+            in_flight.add_metric(key, lane.in_flight)
+            circuit.add_metric(key, int(lane.state))
+        expiry = GaugeMetricFamily("bemsmail_push_credential_expiry_timestamp_seconds",
+                                   "When an app's APNs certificate or FCM credential expires (Unix time); "
+                                   "absent for credentials that do not expire (.p8 keys).", labels=labels)
+        for provider, app, when in self._expiry():
+            if when is not None:
+                expiry.add_metric([provider, app], when.timestamp())
+        return [depth, in_flight, circuit, expiry]
+
+
+def _final_label(outcome: Outcome) -> str:
+    return "gave_up" if outcome.kind is OutcomeKind.RETRY else outcome.kind.value
+
+
+class PushMetrics(LaneObserver):
+    """The dispatcher's reports as Prometheus series; labelled children are cached per lane."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._latency: dict[str, Histogram] = {}
+
+    def sent(self, lane: Lane, outcome: Outcome, seconds: float) -> None:
+        self._m.push_attempts.labels(lane.provider, lane.app_id, outcome.kind.value).inc()
+        child = self._latency.get(lane.app_id)
+        if child is None:
+            child = self._latency[lane.app_id] = self._m.push_latency.labels(lane.provider, lane.app_id)
+        child.observe(seconds)
+
+    def final(self, lane: Lane, outcome: Outcome, attempts: int) -> None:
+        self._m.pushes.labels(lane.provider, lane.app_id, _final_label(outcome)).inc()
+
+    def dropped(self, lane: Lane, reason: str) -> None:
+        self._m.push_dropped.labels(lane.provider, lane.app_id, reason).inc()
+
+
+class RelayMetrics(RelayObserver):
+    """The relay's reports as Prometheus series and log lines (never a token or an address)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def event(self, event: MailboxEvent, result: str) -> None:
+        self._m.relay_events.labels(event.kind.value, result).inc()
+
+    def verdict(self, verdict: Verdict) -> None:
+        self._m.relay_verdicts.labels(verdict.action.value, verdict.reason).inc()
+
+    def outcome(self, message: PushMessage, outcome: Outcome) -> None:
+        if outcome.kind is OutcomeKind.REJECTED:
+            log.warning("push_rejected", app=message.app_id, registration=message.registration_id,
+                        reason=outcome.reason)
+
+    def token_deleted(self, registration: Registration, reason: str) -> None:
+        label = "expired" if reason == "expired" else "invalid_token"
+        self._m.registrations_deleted.labels(label).inc()
+        log.info("registration_deleted", registration=registration.id, app=registration.app_id, reason=reason)
+
+    def store_failed(self, operation: str, error: Exception) -> None:
+        self._m.store_errors.labels(operation).inc()
+        log.warning("relay_store_failed", operation=operation, error=type(error).__name__)

@@ -170,7 +170,8 @@ def main() -> None:
     print(f"\nRegistration upserts: {args.clients} concurrent clients, {args.seconds:g} s measured after "
           f"{args.warmup:g} s warm-up, daemon log level {args.log_level}, "
           f"MariaDB durability {'flush=2' if args.fast_disk else 'flush=1 (default)'}, {os.cpu_count()} cores")
-    print(f"{'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'requests':>9} {'errors':>7}")
+    print(f"{'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'requests':>9} {'errors':>7}")
     for r in results:
         print(f"{r['backend']:<9} {r['mode']:<14} {r['upserts_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
               f"{r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7}")

@@ -169,20 +169,53 @@ class Priority(enum.IntEnum):
     ALERT = 10
 
 
+class PushKind(enum.StrEnum):
+    ALERT = "alert"  # shown to the user (alert, sound, badge)
+    BADGE = "badge"  # only the badge changes (quiet hours with silent_badge): no alert, no sound, low priority
+    BACKGROUND = "background"  # content-available: wakes the app to fetch; nothing shown
+
+
+class Category(enum.StrEnum):
+    """What the app shows actions for; also the localization key of the content-free alert."""
+
+    NEW_MAIL = "NEW_MAIL"
+    MEETING_REQUEST = "MEETING_REQUEST"
+
+
+@dataclass(frozen=True, slots=True)
+class RichContent:
+    """Mail details shown on the lock screen; only when the device and tenant ask for rich content,
+    since they pass through Apple's and Google's servers."""
+
+    sender: str | None = None
+    subject: str | None = None
+    importance: Literal["low", "normal", "high"] = "normal"
+
+
 @dataclass(frozen=True, slots=True)
 class PushMessage:
-    """One push to one device, provider-neutral; adapters turn it into APNs or FCM requests."""
+    """One push to one device, provider-neutral; adapters render it as an APNs or FCM request.
+
+    `notification_id` stays the same on every retry of one notification (it becomes the apns-id), so a
+    device or provider can tell a re-send from a new notification."""
 
     registration_id: str
+    mailbox: str
     platform: Platform
     app_id: str
     environment: Environment
     token: str = field(repr=False)
+    notification_id: str
+    kind: PushKind
+    category: Category
     collapse_id: str
     priority: Priority
     expires_at: datetime
-    payload: dict[str, object]
-    notification_id: str
+    badge: int | None = None
+    sound: str | None = None
+    rich: RichContent | None = None
+    #: sent to the app as data (strings only): the account hint, folder, event count
+    data: dict[str, str] = field(default_factory=dict)
 
 
 class OutcomeKind(enum.StrEnum):
@@ -190,6 +223,8 @@ class OutcomeKind(enum.StrEnum):
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - an outcome name, not a secret
     RETRY = "retry"
     CONFIG_FAILURE = "config_failure"
+    #: the provider refused this one message for a reason that retrying will not change (too big, bad topic)
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +236,8 @@ class Outcome:
     retry_after_seconds: float | None = None
     #: when the provider says the token stopped being valid (APNs 410 timestamp)
     invalid_since: datetime | None = None
+    #: a quota or rate limit, not a fault: back off for longer
+    quota: bool = False
 
 
 class RegistrationChange(enum.StrEnum):

@@ -53,6 +53,16 @@ class Store(Protocol):
 
     async def delete_registration(self, registration_id: str) -> Registration | None: ...
 
+    async def delete_invalid_registration(
+        self, registration_id: str, token: str, invalid_since: datetime | None
+    ) -> Registration | None:
+        """Delete if it still holds `token` and was not updated at or after `invalid_since`."""
+        ...
+
+    async def mark_pushed(self, registration_ids: Sequence[str], at: datetime) -> None: ...
+
+    async def delete_expired_registrations(self, seen_before: datetime, limit: int) -> Sequence[Registration]: ...
+
     async def ping(self) -> None:
         """Raise if the database cannot be reached."""
         ...
@@ -100,6 +110,19 @@ class MailSource(Protocol):
 
 
 class PushSender(Protocol):
-    """Delivers one push to one provider and says what happened, in the core's terms."""
+    """Delivers pushes for one app to its provider and says what happened, in the core's terms.
+
+    `send` never raises for anything the provider or the network did and never waits past its own deadline:
+    a timeout, reset or refused connection is an `Outcome` of kind RETRY."""
+
+    async def start(self) -> None:
+        """Open connections and fetch credentials; failures are logged and left to the first sends to retry."""
+        ...
 
     async def send(self, message: PushMessage) -> Outcome: ...
+
+    def credential_expiry(self) -> datetime | None:
+        """When the credential (APNs certificate, …) stops working, if it is known to expire."""
+        ...
+
+    async def close(self) -> None: ...

@@ -13,6 +13,8 @@ class Tenant:
     name: str
     backend: Backend
     domains: tuple[str, ...]
+    #: devices of this tenant may ask for sender and subject in their pushes
+    rich_content: bool = False
 
 
 class TenantDirectory:

@@ -8,6 +8,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -303,6 +304,57 @@ class SqlStore:
                 return None
             await conn.execute(sa.delete(registrations).where(registrations.c.id == registration_id))
             return _row_to_registration(row)
+
+        return await self._retrying(work)
+
+    # --- what the relay records -----------------------------------------------------------------------------
+
+    async def delete_invalid_registration(
+        self, registration_id: str, token: str, invalid_since: datetime | None
+    ) -> Registration | None:
+        """Delete a registration whose token the provider called dead, unless the device has since registered a
+        new token, or refreshed after the moment the provider says the token died (APNs 410 timestamp)."""
+        r = registrations.c
+
+        async def work(conn: AsyncConnection) -> Registration | None:
+            row = (
+                await conn.execute(
+                    sa.select(registrations)
+                    .where(r.id == registration_id, r.token_hash == token_fingerprint(token))
+                    .with_for_update()
+                )
+            ).mappings().first()
+            if row is None or (invalid_since is not None and row["updated_at"] >= invalid_since):
+                return None
+            await conn.execute(sa.delete(registrations).where(r.id == registration_id))
+            return _row_to_registration(row)
+
+        return await self._retrying(work)
+
+    async def mark_pushed(self, registration_ids: Sequence[str], at: datetime) -> None:
+        r = registrations.c
+        for start in range(0, len(registration_ids), 1000):
+            chunk = sorted(registration_ids[start : start + 1000])
+
+            async def work(conn: AsyncConnection, chunk: list[str] = chunk) -> None:
+                await conn.execute(sa.update(registrations).where(r.id.in_(chunk)).values(last_push_at=at))
+
+            await self._retrying(work)
+
+    async def delete_expired_registrations(self, seen_before: datetime, limit: int) -> Sequence[Registration]:
+        """Delete up to `limit` registrations last refreshed before `seen_before`; returns them."""
+        r = registrations.c
+
+        async def work(conn: AsyncConnection) -> list[Registration]:
+            rows = (
+                await conn.execute(
+                    sa.select(registrations).where(r.last_seen_at < seen_before).order_by(r.last_seen_at)
+                    .limit(limit).with_for_update()
+                )
+            ).mappings().all()
+            if rows:
+                await conn.execute(sa.delete(registrations).where(r.id.in_([row["id"] for row in rows])))
+            return [_row_to_registration(row) for row in rows]
 
         return await self._retrying(work)
 

@@ -1,0 +1,1 @@
+"""Real servers speaking the providers' wire protocols, for tests, the demo and load tests."""
