@@ -69,6 +69,8 @@ def relay_policy(config: Config, tenants: TenantDirectory) -> RelayPolicy:
         dedupe_window_seconds=relay.dedupe_window_seconds,
         coalesce_seconds=relay.coalesce_seconds,
         rich_content=rich_allowed,
+        background_apps=frozenset(app.id for app in [*config.apns.apps, *config.fcm.apps]
+                                  if app.push_kind == "background"),
     )
 
 

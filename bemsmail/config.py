@@ -260,6 +260,7 @@ class ApnsAppConfig(Section):
     endpoint: EndpointOverride | None = None
     proxy_url: AnyHttpUrl | None = None
     concurrency: int = Field(100, ge=1, le=10_000)
+    push_kind: Literal["alert", "background"] = "alert"
     max_connections: int = Field(2, ge=1, le=100)
     timeout_seconds: float = Field(10.0, gt=0, le=300)
 
@@ -283,6 +284,7 @@ class FcmAppConfig(Section):
     fcm_url: AnyHttpUrl | None = Field(None, description="override of the FCM v1 base URL")
     token_uri: AnyHttpUrl | None = Field(None, description="override of the OAuth token endpoint")
     concurrency: int = Field(100, ge=1, le=10_000)
+    push_kind: Literal["alert", "background"] = "alert"
     timeout_seconds: float = Field(10.0, gt=0, le=300)
 
     @model_validator(mode="after")

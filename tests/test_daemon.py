@@ -145,3 +145,18 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     with pytest.raises(OSError):
         _request(port, "GET", "/healthz")
+
+
+@pytest.mark.parametrize("provider", ["apns", "fcm"])
+def test_bemsmail_mock_serves_until_sigterm(provider: str, tmp_path: Path) -> None:
+    """`bemsmail mock apns|fcm` hands its arguments to the mock, which says when it listens and stops cleanly."""
+    extra = ["--cert-dir", str(tmp_path / "pki"), "--control-port", "0"] if provider == "apns" else []
+    command = [*BEMSMAIL, "mock", provider, "--port", "0", *extra]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "ready" in line and "port" in line, line + (proc.stderr.read() if proc.stderr else "")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0

@@ -248,3 +248,16 @@ async def test_new_registrations_are_seen_without_waiting(harness: Harness) -> N
     await harness.clock.advance(2)
     await harness.relay.on_event(event(2))
     assert len(harness.dispatch.messages) == 1
+
+
+async def test_apps_that_fetch_on_wake_get_background_pushes(harness: Harness) -> None:
+    dispatch = CapturingDispatch()
+    policy = RelayPolicy(rules=RulePolicy(stale_after=timedelta(hours=72), delete_after=timedelta(days=30)),
+                         background_apps=frozenset({"com.example.mail"}), sweep_interval_seconds=10**9)
+    relay = Relay(harness.store, dispatch, harness.bus, harness.clock, policy)
+    await harness.register(settings=DeviceSettings(content="rich"))
+    await relay.on_event(event(2))
+    [push] = dispatch.messages
+    assert push.kind is PushKind.BACKGROUND and int(push.priority) == 5
+    assert push.sound is None and push.rich is None and push.data["account"] == ALICE
+    await relay.stop()
