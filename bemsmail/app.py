@@ -69,8 +69,10 @@ def relay_policy(config: Config, tenants: TenantDirectory) -> RelayPolicy:
         dedupe_window_seconds=relay.dedupe_window_seconds,
         coalesce_seconds=relay.coalesce_seconds,
         rich_content=rich_allowed,
-        background_apps=frozenset(app.id for app in [*config.apns.apps, *config.fcm.apps]
-                                  if app.push_kind == "background"),
+        background_apps=frozenset(
+            [a.id for a in config.apns.apps if a.push_kind == "background"]
+            + [a.id for a in config.fcm.apps if a.push_kind == "background"]
+        ),
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bemsmail.devservices import MariaDB, ServiceUnavailable
+from bemsmail.mocks.tls import TestPki, ensure_test_pki, generate_provider_key
 
 REQUIRE_SERVICES = os.environ.get("BEMSMAIL_REQUIRE_SERVICES") == "1"
 
@@ -48,6 +49,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'bemsmail.db'}"
     url: str = request.getfixturevalue("mariadb_url")
     return url
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPki:
+    """A throwaway CA and localhost certificate, for the mock APNs and anything else speaking TLS."""
+    return ensure_test_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """An APNs provider key (.p8, P-256)."""
+    return generate_provider_key(tmp_path / "AuthKey.p8")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

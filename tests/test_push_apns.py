@@ -49,16 +49,6 @@ TOKEN = "ab" * 32
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> TestPki:
-    return ensure_test_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    return generate_provider_key(tmp_path / "AuthKey.p8")
-
-
-@pytest.fixture
 async def mock(pki: TestPki, key_file: Path) -> AsyncIterator[MockApns]:
     async with MockApns(pki, topics=[TOPIC], keys=[load_provider_key(KEY_ID, TEAM_ID, key_file)],
                         control_port=None) as server:
