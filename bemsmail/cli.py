@@ -50,7 +50,7 @@ def _run(coro: object) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bemsmail.app import Node, StartupError
-    from bemsmail.daemon import install_stop_handlers, sd_notify
+    from bemsmail.daemon import install_stop_handlers, sd_notify, tune_gc
 
     config = _load(args.config)
     _setup_logging(config)
@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await node.stop()
             outcome["code"] = EXIT_STARTUP
             return
+        tune_gc()
         sd_notify("READY=1")
         try:
             await stop.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -26,6 +27,15 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, requested, sig.name)
         except NotImplementedError:  # Windows' proactor loop: fall back to the signal module
             signal.signal(sig, lambda signum, _frame: loop.call_soon_threadsafe(requested, signal.Signals(signum).name))
+
+
+def tune_gc() -> None:
+    """Move everything built at start-up (modules, SQLAlchemy's compiled caches, pydantic validators) out of the
+    collector's sight and collect the young generation less often. With the defaults, full collections walking
+    that start-up heap paused the loop for 50-100 ms under load (the registration benchmark's p99)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
 
 
 def sd_notify(message: str) -> None:

@@ -55,7 +55,8 @@ class StoreConflict(Exception):
     """A write kept colliding with concurrent writes and was given up after several attempts."""
 
 
-def _row_to_registration(row: Mapping[Any, Any]) -> Registration:
+def _row_to_registration(row: Mapping[Any, Any], settings: DeviceSettings | None = None) -> Registration:
+    """`settings`: the already validated settings the row was written from, to skip validating them again."""
     return Registration(
         id=row["id"],
         mailbox=row["mailbox"],
@@ -66,7 +67,7 @@ def _row_to_registration(row: Mapping[Any, Any]) -> Registration:
         environment=Environment(row["environment"]),
         locale=row["locale"],
         timezone=row["timezone"],
-        settings=DeviceSettings.model_validate(row["settings"]),
+        settings=settings if settings is not None else DeviceSettings.model_validate(row["settings"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         last_seen_at=row["last_seen_at"],
@@ -230,7 +231,9 @@ class SqlStore:
                 by_key[key] = row["id"]
             by_hash[fingerprint] = row["id"]
             touched.add(row["id"])
-            results.append(UpsertResult(_row_to_registration(row), existing_id is None, tuple(displaced)))
+            results.append(
+                UpsertResult(_row_to_registration(row, data.settings), existing_id is None, tuple(displaced))
+            )
         # Rewrite every touched row: delete the stored versions, insert the final ones. Unlike row-by-row
         # updates this cannot trip over a unique token that moves between rows within the batch.
         stale = sorted(touched & stored.keys())
