@@ -141,16 +141,27 @@ class PushMetrics(LaneObserver):
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
         self._latency: dict[str, Histogram] = {}
+        self._attempts: dict[tuple[str, OutcomeKind], Counter] = {}
+        self._finals: dict[tuple[str, str], Counter] = {}
 
     def sent(self, lane: Lane, outcome: Outcome, seconds: float) -> None:
-        self._m.push_attempts.labels(lane.provider, lane.app_id, outcome.kind.value).inc()
+        key = (lane.app_id, outcome.kind)
+        counter = self._attempts.get(key)
+        if counter is None:
+            counter = self._attempts[key] = self._m.push_attempts.labels(lane.provider, lane.app_id,
+                                                                         outcome.kind.value)
+        counter.inc()
         child = self._latency.get(lane.app_id)
         if child is None:
             child = self._latency[lane.app_id] = self._m.push_latency.labels(lane.provider, lane.app_id)
         child.observe(seconds)
 
     def final(self, lane: Lane, outcome: Outcome, attempts: int) -> None:
-        self._m.pushes.labels(lane.provider, lane.app_id, _final_label(outcome)).inc()
+        label = _final_label(outcome)
+        counter = self._finals.get((lane.app_id, label))
+        if counter is None:
+            counter = self._finals[(lane.app_id, label)] = self._m.pushes.labels(lane.provider, lane.app_id, label)
+        counter.inc()
 
     def dropped(self, lane: Lane, reason: str) -> None:
         self._m.push_dropped.labels(lane.provider, lane.app_id, reason).inc()
@@ -161,12 +172,22 @@ class RelayMetrics(RelayObserver):
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+        self._events: dict[tuple[str, str], Counter] = {}
+        self._verdicts: dict[tuple[str, str], Counter] = {}
 
     def event(self, event: MailboxEvent, result: str) -> None:
-        self._m.relay_events.labels(event.kind.value, result).inc()
+        key = (event.kind.value, result)
+        counter = self._events.get(key)
+        if counter is None:
+            counter = self._events[key] = self._m.relay_events.labels(*key)
+        counter.inc()
 
     def verdict(self, verdict: Verdict) -> None:
-        self._m.relay_verdicts.labels(verdict.action.value, verdict.reason).inc()
+        key = (verdict.action.value, verdict.reason)
+        counter = self._verdicts.get(key)
+        if counter is None:
+            counter = self._verdicts[key] = self._m.relay_verdicts.labels(*key)
+        counter.inc()
 
     def outcome(self, message: PushMessage, outcome: Outcome) -> None:
         if outcome.kind is OutcomeKind.REJECTED:

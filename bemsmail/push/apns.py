@@ -23,7 +23,7 @@ one, each seen against the mock:
 - it has no connect timeout, and its HTTP CONNECT proxy path fails on Python 3.11 (it hands asyncio's
   TransportSocket wrapper to create_connection); we connect ourselves, tunnel included, under the deadline.
 
-Sending is also cheaper per push than stock aioapns (see scripts/bench_push_apns_quick.py): h2's per-request
+Sending is also cheaper per push than stock aioapns (see scripts/bench_push.py): h2's per-request
 header validation is skipped for our own checked values, HPACK indexes what repeats and not what is unique, and
 literals are not Huffman-coded.
 """

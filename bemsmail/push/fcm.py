@@ -11,7 +11,7 @@ What comes from firebase-admin / google-auth:
 
 What does not: the SDK's ``send_each_async`` (an httpx client that refreshes tokens on the loop, retries only
 500/503 with sleeps of its own, re-sends every 401 twice, and fails a whole batch on one token failure) manages
-about 200-300 pushes/s here; one keep-alive aiohttp session does several thousand (``scripts/bench_push_fcm.py``).
+about 200-300 pushes/s here; one keep-alive aiohttp session does several thousand (``scripts/bench_push.py``).
 google-auth's Regional Access Boundary ("allowedLocations") lookup never runs: it is started only by
 ``Credentials.before_request``, and this sender calls ``refresh`` alone and writes the header itself.
 
