@@ -67,6 +67,7 @@ def relay_policy(config: Config, tenants: TenantDirectory) -> RelayPolicy:
         rules=RulePolicy(stale_after=timedelta(hours=relay.stale_after_hours),
                          delete_after=timedelta(days=relay.delete_after_days)),
         dedupe_window_seconds=relay.dedupe_window_seconds,
+        dedupe_max_entries=relay.dedupe_max_entries,
         coalesce_seconds=relay.coalesce_seconds,
         rich_content=rich_allowed,
         background_apps=frozenset(

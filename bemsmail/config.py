@@ -319,6 +319,7 @@ class RelayConfig(Section):
     stale_after_hours: float = Field(72, gt=0)
     delete_after_days: float = Field(30, gt=0)
     dedupe_window_seconds: float = Field(3600, ge=0)
+    dedupe_max_entries: int = Field(250_000, ge=1000, le=10_000_000)
     coalesce_seconds: float = Field(1.0, ge=0, le=60)
 
 

@@ -83,7 +83,7 @@ class RelayObserver:
 class RelayPolicy:
     rules: RulePolicy
     dedupe_window_seconds: float = 3600.0
-    dedupe_max_entries: int = 1_000_000
+    dedupe_max_entries: int = 250_000
     coalesce_seconds: float = 1.0
     push_ttl_seconds: float = 86_400.0
     registration_cache_mailboxes: int = 100_000
