@@ -592,11 +592,7 @@ async def apns_section(args: argparse.Namespace, tmp: Path, mock: ApnsMock) -> d
             "ApnsSender": lambda r: drive(send_ours, args.pushes, args.concurrency, mock.process.cpu),
             "pipeline": lambda r: pipeline.round(used, f"round{r}", mock.process.cpu),
         }
-        for r in range(args.rounds):
-            for name in rotated(selected(paths, args.paths), r):
-                gc.collect()
-                result = await paths[name](r)
-                rows.append({"round": r + 1, "path": name, **result, "load_1m": load_average()[0]})
+        rows = await run_rounds(paths, args)
     finally:
         bare.pool.close()
         await sender.close()
@@ -691,11 +687,7 @@ async def fcm_section(args: argparse.Namespace, tmp: Path, mock: FcmMockProcess)
             "FcmSender": lambda r: drive(send_ours, args.fcm_pushes, args.fcm_concurrency, mock.process.cpu),
             "pipeline": lambda r: pipeline.round(used, f"round{r}", mock.process.cpu),
         }
-        for r in range(args.rounds):
-            for name in rotated(selected(paths, args.paths), r):
-                gc.collect()
-                result = await paths[name](r)
-                rows.append({"round": r + 1, "path": name, **result, "load_1m": load_average()[0]})
+        rows = await run_rounds(paths, args)
     finally:
         await sender.close()
         await pipeline.stop()
@@ -707,6 +699,18 @@ async def fcm_section(args: argparse.Namespace, tmp: Path, mock: FcmMockProcess)
         "pushes_per_round": args.fcm_pushes, "library_pushes_per_round": args.fcm_batches * FCM_BATCH,
         "concurrency": args.fcm_concurrency, "mock_sends": stats.get("sends"),
         "mock_tokens_issued": stats.get("tokens_issued")})
+
+
+async def run_rounds(paths: dict[str, Callable[[int], Awaitable[dict[str, Any]]]],
+                     args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every selected path once per round, the order rotating each round, so machine noise hits all of them."""
+    rows: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        for name in rotated(selected(paths, args.paths), r):
+            gc.collect()
+            result = await paths[name](r)
+            rows.append({"round": r + 1, "path": name, **result, "load_1m": load_average()[0]})
+    return rows
 
 
 def summarize(section: str, rows: list[dict[str, Any]], paths: list[str], extra: dict[str, Any]) -> dict[str, Any]:
