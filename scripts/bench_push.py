@@ -29,7 +29,7 @@ by round (their order rotated each round), so noise on the shared 2-core machine
    ``--soak-sample`` (5) seconds after the warm-up, with the queue depth, drops, the deduper's size, open coalescing
    windows, tasks and GC-tracked objects. The deduper remembers every event key for its window (1 h by default),
    so its cost per key is measured with tracemalloc and shown beside the slope; ``--soak-dedupe-window 0`` runs
-   the same soak with a deduper that keeps nothing.
+   the same soak with a deduper that keeps nothing, ``--soak-dedupe-max 10000`` one whose cap the warm-up fills.
 
 Prints a table per section, the targets with their figures, and one final JSON line with every figure, the core
 count and the load average at start and end.
@@ -772,6 +772,9 @@ def dedupe_bytes_per_entry(sample: int = 20_000) -> float:
 
 async def soak_section(args: argparse.Namespace, tmp: Path, mock: ApnsMock) -> dict[str, Any]:
     config = make_config(tmp / "soak.db", args.queue_size, apns=apns_app(mock, 1, 1))
+    if args.soak_dedupe_max is not None:
+        config = config.model_copy(update={"relay": config.relay.model_copy(
+            update={"dedupe_max_entries": args.soak_dedupe_max})})
     if args.soak_dedupe_window is not None:
         config = config.model_copy(update={"relay": config.relay.model_copy(
             update={"dedupe_window_seconds": args.soak_dedupe_window})})
@@ -990,6 +993,9 @@ def main() -> int:
     parser.add_argument("--soak-latency-ms", type=float, default=1000.0, help="the slow mock's answer delay")
     parser.add_argument("--soak-dedupe-window", type=float, default=None,
                         help="relay.dedupe_window_seconds for the soak (default: the config's, 3600; 0 keeps no keys)")
+    parser.add_argument("--soak-dedupe-max", type=int, default=None,
+                        help="relay.dedupe_max_entries for the soak (default: the config's, 250,000); a cap the "
+                             "warm-up fills shows the steady state once every bounded structure is full")
     parser.add_argument("--soak-mailboxes", type=int, default=10_000, help="mailboxes the soak's events cycle over")
     parser.add_argument("--paths", help="run only these paths of a section, e.g. 'pipeline' (for profiling)")
     parser.add_argument("--results-file", type=Path, help=argparse.SUPPRESS)  # run_isolated's children write here
