@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 
 from bemsmail.devconfig import write_dev_config  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from bemsmail.devservices import free_port  # noqa: E402
 
 
 class LeanClient:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.devconfig import write_dev_config
+from bemsmail.devservices import free_port
 
 IOS_APP = "com.example.mail"
 ANDROID_APP = "com.example.mail.android"
@@ -20,11 +20,6 @@ IOS_TOKEN = "ab" * 32
 ANDROID_TOKEN = "fcm-token-" + "x" * 40 + ":APA91b" + "y" * 60
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def dev_config(tmp_path: Path, db_url: str | None = None, env: Mapping[str, str] | None = None) -> tuple[Config, str]:

@@ -34,9 +34,9 @@ from bemsmail.push.apns import (
     ApnsSender,
     apns_id,
     render_payload,
-    truncate_text,
 )
 from bemsmail.push.outcomes import APNS_TABLE, Row
+from bemsmail.push.text import fit
 
 APP = "com.example.mail"
 TOPIC = "com.example.mail"
@@ -294,7 +294,7 @@ async def test_short_rich_content_is_not_touched(mock: MockApns, sender: ApnsSen
 @pytest.mark.parametrize("limit", range(0, 40))
 def test_truncation_never_splits_a_character(limit: int) -> None:
     text = "a😀é中\"\n" * 5
-    cut = truncate_text(text, limit)
+    cut = fit(text, limit)
     encoded = json.dumps(cut, ensure_ascii=False).encode()
     assert len(encoded) - 2 <= limit
     encoded.decode("utf-8")

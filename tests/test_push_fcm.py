@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -29,6 +28,7 @@ from bemsmail.core.model import (
     PushMessage,
     RichContent,
 )
+from bemsmail.devservices import free_port
 from bemsmail.mocks.fcm import FcmMock, drop, fcm_error, hang, oauth_error
 from bemsmail.mocks.fcm import payload_size as mock_payload_size
 from bemsmail.push.fcm import (
@@ -51,11 +51,6 @@ NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 _KEYS: dict[str, str] = {}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _private_key(name: str) -> str:

@@ -72,6 +72,7 @@ from hpack import Encoder, NeverIndexedHeaderTuple
 from bemsmail.config import ApnsAppConfig
 from bemsmail.core.model import Environment, Outcome, OutcomeKind, PushKind, PushMessage, token_fingerprint
 from bemsmail.push.outcomes import apns_outcome, transport_failure
+from bemsmail.push.text import fit, json_cost
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +86,6 @@ IDLE_CLOSE_SECONDS = 600.0
 CONNECT_ATTEMPTS = 3  # aioapns sleeps 1 s between attempts; the dispatcher does the longer retrying
 MAX_ABANDONED = 10_000
 STREAM_GUARD_EXTRA = 5.0
-ELLIPSIS = "\u2026"
 TITLE_SHARE = 256  # bytes of sender kept when sender and subject together do not fit
 
 _TOKEN = re.compile(r"[0-9a-fA-F]{1,512}")
@@ -106,27 +106,6 @@ class _StreamFailed(Exception):
 def encode_payload(payload: dict[str, Any]) -> bytes:
     """The bytes sent: compact JSON, UTF-8 as is (what is measured against the 4096-byte limit)."""
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _json_len(text: str) -> int:
-    return len(json.dumps(text, ensure_ascii=False).encode()) - 2
-
-
-def truncate_text(text: str, max_bytes: int) -> str:
-    """The longest prefix of `text` (plus an ellipsis when cut) whose JSON-escaped UTF-8 form is at most
-    `max_bytes`; cuts fall between code points, so the result is always valid UTF-8."""
-    if _json_len(text) <= max_bytes:
-        return text
-    if max_bytes < _json_len(ELLIPSIS):
-        return ""
-    low, high = 0, len(text)
-    while low < high:  # the escaped length grows with the prefix: binary search for the longest that fits
-        mid = (low + high + 1) // 2
-        if _json_len(text[:mid] + ELLIPSIS) <= max_bytes:
-            low = mid
-        else:
-            high = mid - 1
-    return text[:low] + ELLIPSIS
 
 
 def render_payload(message: PushMessage, limit: int = MAX_PAYLOAD) -> bytes:
@@ -175,9 +154,9 @@ def render_payload(message: PushMessage, limit: int = MAX_PAYLOAD) -> bytes:
     room = limit - len(encode_payload(payload))
     if room < 0:
         raise PayloadTooLarge(f"payload without its rich text is over {limit} bytes")
-    text_len = _json_len(text)
-    title = truncate_text(title, max(min(room, TITLE_SHARE), room - text_len))
-    text = truncate_text(text, room - _json_len(title))
+    text_len = json_cost(text)
+    title = fit(title, max(min(room, TITLE_SHARE), room - text_len))
+    text = fit(text, room - json_cost(title))
     if "title" in alert:
         alert["title"] = title
     if "body" in alert:
@@ -787,5 +766,4 @@ class ApnsSender:
         await asyncio.sleep(0)  # let the transports run their connection_lost
 
 
-__all__ = ["ApnsSender", "PayloadTooLarge", "apns_id", "collapse_id", "encode_payload", "render_payload",
-           "truncate_text"]
+__all__ = ["ApnsSender", "PayloadTooLarge", "apns_id", "collapse_id", "encode_payload", "render_payload"]

@@ -47,6 +47,7 @@ from bemsmail.config import FcmAppConfig
 from bemsmail.core.model import Outcome, OutcomeKind, Priority, PushKind, PushMessage
 from bemsmail.core.ports import PushSender
 from bemsmail.push.outcomes import fcm_outcome, transport_failure
+from bemsmail.push.text import fit, json_cost
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +59,6 @@ MAX_PAYLOAD_BYTES = 4096
 MAX_TTL_SECONDS = 28 * 24 * 3600
 #: a sender name keeps at least this many bytes when a long subject has to be cut
 SENDER_SHARE_BYTES = 256
-ELLIPSIS = "…"
 # errorCodes of a 401 that are about Apple's or a web-push service's credentials, not our access token:
 # a fresh token cannot fix them (firebase-admin refreshes and re-sends anyway, twice).
 _THIRD_PARTY = frozenset({"THIRD_PARTY_AUTH_ERROR", "APNS_AUTH_ERROR"})
@@ -86,36 +86,8 @@ def payload_size(encoded: dict[str, Any]) -> int:
     return len(json.dumps(rest, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
-def _char_cost(ch: str) -> int:
-    """Bytes one character takes in compact JSON with ensure_ascii=False."""
-    code = ord(ch)
-    if code >= 0x80:
-        return len(ch.encode("utf-8"))
-    if ch in '"\\':
-        return 2
-    if code < 0x20:
-        return 2 if ch in "\n\r\t\b\f" else 6
-    return 1
-
-
-def _cost(text: str | None) -> int:
-    return 0 if text is None else sum(map(_char_cost, text))
-
-
 def _fit(text: str | None, budget: int) -> str | None:
-    """`text` cut on a character boundary (never inside a UTF-8 sequence) to at most `budget` JSON bytes, with an
-    ellipsis when cut."""
-    if text is None or _cost(text) <= budget:
-        return text
-    room = budget - len(ELLIPSIS.encode())
-    if room <= 0:
-        return ""
-    used = 0
-    for i, ch in enumerate(text):
-        used += _char_cost(ch)
-        if used > room:
-            return text[:i] + ELLIPSIS
-    return text  # not reached: the whole text was over budget
+    return None if text is None else fit(text, budget)
 
 
 def _clean(text: str | None) -> str | None:
@@ -179,8 +151,8 @@ def render(message: PushMessage, now: datetime) -> dict[str, Any]:
     if budget < 0:
         raise PayloadRejected(f"FCM payload over {MAX_PAYLOAD_BYTES} bytes without the mail details")
     # The subject is cut first; the sender keeps what it needs, or at least SENDER_SHARE_BYTES of it.
-    title = _fit(title, min(_cost(title), max(budget - _cost(body), min(budget, SENDER_SHARE_BYTES))))
-    body = _fit(body, budget - _cost(title))
+    title = _fit(title, min(json_cost(title), max(budget - json_cost(body), min(budget, SENDER_SHARE_BYTES))))
+    body = _fit(body, budget - json_cost(title))
     encoded = _encode(message, now, title, body)
     if payload_size(encoded) > MAX_PAYLOAD_BYTES:  # not expected: the costs above are exact
         raise PayloadRejected(f"FCM payload over {MAX_PAYLOAD_BYTES} bytes")
