@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import structlog
@@ -16,14 +16,16 @@ from bemsmail.api.auth import Authenticator
 from bemsmail.cluster.memory import InProcessBus, OwnsEverything
 from bemsmail.config import Config
 from bemsmail.core.clock import SystemClock
-from bemsmail.core.model import Backend, Platform
-from bemsmail.core.ports import PushSender
+from bemsmail.core.model import Backend, ItemDetails, MailboxEvent, Platform
+from bemsmail.core.ports import MailDetails, PushSender
 from bemsmail.core.registrations import RegistrationService
 from bemsmail.core.relay import Relay, RelayPolicy
 from bemsmail.core.rules import RulePolicy
 from bemsmail.core.tenants import Tenant, TenantDirectory
+from bemsmail.core.watching import Watcher
 from bemsmail.metrics import Metrics, PushMetrics, RelayMetrics
 from bemsmail.push.dispatcher import Dispatcher, RetryPolicy
+from bemsmail.sources.ews.source import EwsSource
 from bemsmail.store.engine import create_engine, safe_url
 from bemsmail.store.schema import migrate, schema_problem, schema_status
 from bemsmail.store.sql import SqlStore
@@ -89,6 +91,32 @@ def build_dispatcher(config: Config, dispatcher: Dispatcher) -> None:
         dispatcher.add_app(provider, app_id, sender, concurrency, config.push.queue_size)
 
 
+class TenantDetails:
+    """MailDetails for the relay: asks the source of the mailbox's tenant."""
+
+    def __init__(self, tenants: TenantDirectory, sources: Mapping[str, MailDetails]) -> None:
+        self._tenants = tenants
+        self._sources = sources
+
+    def _source(self, mailbox: str) -> MailDetails | None:
+        tenant = self._tenants.resolve(mailbox)
+        return self._sources.get(tenant.name) if tenant is not None else None
+
+    async def item_details(self, mailbox: str, item_ids: Sequence[str]) -> Mapping[str, ItemDetails]:
+        source = self._source(mailbox)
+        return {} if source is None else await source.item_details(mailbox, item_ids)
+
+    async def unread_count(self, mailbox: str) -> int | None:
+        source = self._source(mailbox)
+        return None if source is None else await source.unread_count(mailbox)
+
+
+def build_sources(config: Config, store: SqlStore, clock: SystemClock,
+                  sink: Callable[[MailboxEvent], Awaitable[None]]) -> dict[str, EwsSource]:
+    """One mail source per tenant whose backend this build can watch."""
+    return {t.name: EwsSource(t.ews, store, clock, sink) for t in config.tenants if t.backend == "ews" and t.ews}
+
+
 class Node:
     """One bemsmail process. `start()` brings it up, `stop()` drains it within the configured grace."""
 
@@ -106,12 +134,19 @@ class Node:
         self.dispatcher = Dispatcher(self.clock, retry_policy(config), observer=PushMetrics(self.metrics))
         build_dispatcher(config, self.dispatcher)
         self.metrics.watch_dispatcher(self.dispatcher, self._credential_expiry)
+        self.sources = build_sources(config, self.store, self.clock, self._on_event)
         self.relay = Relay(self.store, self.dispatcher, self.bus, self.clock, relay_policy(config, tenants),
-                           RelayMetrics(self.metrics))
+                           RelayMetrics(self.metrics), details=TenantDetails(tenants, self.sources))
+        self.metrics.watch_sources(self.sources)
+        self.watcher = Watcher(self.store, self.bus, self.clock, self.ownership, tenants, self.sources)
+        self._watching = False
         self._pushing = False
         self.authenticator = Authenticator(config.api.auth)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+
+    async def _on_event(self, event: MailboxEvent) -> None:
+        await self.relay.on_event(event)
 
     def _credential_expiry(self) -> Iterator[tuple[str, str, datetime | None]]:
         for lane in self.dispatcher.lanes.values():
@@ -121,8 +156,10 @@ class Node:
         await self._check_schema()
         await self.authenticator.start()
         await self.start_pushing()
+        await self.start_watching()
         api = create_api(self.service, self.store, self.authenticator, self.metrics,
-                         self.config.server.max_body_bytes)
+                         self.config.server.max_body_bytes,
+                         push_receivers=[s for s in self.sources.values() if s.settings.mode == "push"])
         self._runner = web.AppRunner(
             api, access_log=None, shutdown_timeout=self.config.server.shutdown_grace_seconds,
             handle_signals=False,
@@ -165,6 +202,13 @@ class Node:
         self.relay.start()
         self._pushing = True
 
+    async def start_watching(self) -> None:
+        """Mail sources, then every mailbox that has registrations."""
+        for source in self.sources.values():
+            await source.start()
+        self._watching = True
+        await self.watcher.start()
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace), flush the relay, let queued pushes go
         out (within the grace), then close senders and pools."""
@@ -176,6 +220,10 @@ class Node:
                 log.warning("drain_deadline_passed", in_flight=api[IN_FLIGHT].count)
             await self._runner.cleanup()
             self._runner = None
+        if self._watching:
+            await self.watcher.stop()
+            await asyncio.gather(*(source.stop() for source in self.sources.values()))
+            self._watching = False
         if self._pushing:
             await self.relay.stop()
             await self.dispatcher.stop(self.config.server.shutdown_grace_seconds)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bemsmail import __version__
-from bemsmail.config import Config, ConfigError, load_config
+from bemsmail.config import Config, ConfigError, EwsConfig, load_config
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -122,9 +122,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
         print(f"database {safe_url(config.database)}: reachable; schema: {problem or 'current'}")
-        return EXIT_STARTUP if problem else 0
+        failed = bool(problem)
+        for tenant in config.tenants:
+            if tenant.ews is not None:
+                failed |= not await _check_ews(tenant.name, tenant.ews, tenant.domains[0], args.mailbox)
+        return EXIT_STARTUP if failed else 0
 
     return asyncio.run(main())
+
+
+async def _check_ews(name: str, settings: EwsConfig, domain: str, mailbox: str | None) -> bool:
+    """Autodiscover (unless a URL is set) and one impersonated GetFolder for a probe mailbox of the tenant."""
+    from bemsmail.sources.ews.exchange import EwsCallError, ExchangeClient
+
+    probe = mailbox or settings.probe_mailbox or f"postmaster@{domain}"
+    client = ExchangeClient(settings)
+    try:
+        url = str(settings.url) if settings.url else None
+        if url is None:
+            found = (await client.discover([probe])).get(probe)
+            if found is None or found.ews_url is None:
+                print(f"tenant {name}: autodiscover found no EWS URL for {probe}", file=sys.stderr)
+                return False
+            url = found.ews_url
+            print(f"tenant {name}: autodiscover: {url} (group {found.grouping or '-'})")
+        unread = await client.unread_count(probe, url)
+        print(f"tenant {name}: EWS reachable at {url}; {probe} has {unread} unread in the Inbox")
+        return True
+    except EwsCallError as exc:
+        print(f"tenant {name}: EWS call for {probe} failed: {exc.code}", file=sys.stderr)
+        return False
+    finally:
+        await client.close()
 
 
 def cmd_hash_api_key(args: argparse.Namespace) -> int:
@@ -155,7 +184,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-MOCKS = {"apns": "bemsmail.mocks.apns", "fcm": "bemsmail.mocks.fcm"}
+MOCKS = {"apns": "bemsmail.mocks.apns", "ews": "bemsmail.mocks.ews", "fcm": "bemsmail.mocks.fcm"}
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -181,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     with_config(sub.add_parser("migrate", help="upgrade the database schema")).set_defaults(func=cmd_migrate)
     check = with_config(sub.add_parser("check-config", help="validate the configuration"))
-    check.add_argument("--connect", action="store_true", help="also connect to the database and check its schema")
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to the database (schema) and to each EWS tenant (autodiscover, one call)")
+    check.add_argument("--mailbox", help="with --connect: the mailbox to probe EWS with (default: probe_mailbox)")
     check.set_defaults(func=cmd_check_config)
     hashing = sub.add_parser("hash-api-key", help="print the SHA-256 to put in api.auth.api_keys (key on stdin)")
     hashing.add_argument("--generate", action="store_true", help="generate a new random key and print both")

@@ -193,6 +193,18 @@ class EwsConfig(Section):
     impersonation: bool = True
     ca_file: ReadableFile | None = None
     verify_tls: bool = True
+    version: Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016", "Exchange2019"] = "Exchange2016"
+    mode: Literal["streaming", "push"] = "streaming"
+    push_url: AnyHttpUrl | None = Field(
+        None, description="mode = push: the URL Exchange posts SendNotification to (this node's /ews/notification)")
+    status_frequency_minutes: int = Field(5, ge=1, le=1440)
+    group_size: int = Field(200, ge=1, le=200)
+    connection_timeout_minutes: int = Field(30, ge=1, le=30)
+    watchdog_seconds: float = Field(90.0, ge=1, le=3600)
+    catch_up_max_age_minutes: float = Field(60.0, ge=0)
+    threads: int = Field(32, ge=2, le=512)
+    unread_cache_seconds: float = Field(5.0, ge=0, le=300)
+    probe_mailbox: str | None = Field(None, description="mailbox `check-config --connect` tests EWS with")
 
     @model_validator(mode="after")
     def _credentials(self) -> EwsConfig:
@@ -200,6 +212,10 @@ class EwsConfig(Section):
             raise ValueError(f"auth = {self.auth!r} needs username and password (or password_file)")
         if self.auth == "oauth2" and not (self.tenant_id and self.client_id and self.client_secret):
             raise ValueError("auth = 'oauth2' needs tenant_id, client_id and client_secret")
+        if self.auth == "oauth2" and not self.impersonation:
+            raise ValueError("auth = 'oauth2' (app-only, full_access_as_app) needs impersonation = true")
+        if self.mode == "push" and self.push_url is None:
+            raise ValueError("mode = 'push' needs push_url, the address Exchange can post notifications to")
         return self
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -15,6 +16,9 @@ from bemsmail.core.model import MailboxEvent, Outcome, OutcomeKind, PushMessage,
 from bemsmail.core.relay import RelayObserver
 from bemsmail.core.rules import Verdict
 from bemsmail.push.dispatcher import Dispatcher, Lane, LaneObserver
+
+if TYPE_CHECKING:
+    from bemsmail.sources.ews.source import EwsSource
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +104,49 @@ class Metrics:
         """Queue depth, in-flight sends, circuit state and credential expiry, read at scrape time (nothing on
         the hot path)."""
         self.registry.register(_DispatcherCollector(dispatcher, credential_expiry))
+
+    def watch_sources(self, sources: Mapping[str, EwsSource]) -> None:
+        self.registry.register(_SourceCollector(sources))
+
+
+class _SourceCollector(Collector):
+    """EWS sources, read at scrape time: subscriptions, groups streaming, reconnects, catch-ups, stream errors."""
+
+    def __init__(self, sources: Mapping[str, EwsSource]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        tenant = ["tenant"]
+        subscribed = GaugeMetricFamily("bemsmail_ews_subscriptions", "Mailboxes with a live EWS subscription.",
+                                       labels=tenant)
+        groups = GaugeMetricFamily("bemsmail_ews_groups", "Streaming groups, by whether their stream is open.",
+                                   labels=["tenant", "state"])
+        counters = {
+            name: CounterMetricFamily(f"bemsmail_ews_{name}", text, labels=tenant)
+            for name, text in (
+                ("subscribe_failures", "Subscribe calls that failed (each is retried with back-off)."),
+                ("connections", "GetStreamingEvents connections opened."),
+                ("stream_failures", "Streams that dropped, went silent past the watchdog or were refused."),
+                ("stream_events", "Mail events read from streams and push notifications."),
+                ("catch_ups", "Mailboxes caught up with SyncFolderItems."),
+                ("caught_up_items", "Mail found by catch-up and handed on (missed by the stream)."),
+                ("events_dropped", "Events not queued because the relay was behind (found again by catch-up)."),
+                ("push_gaps", "Push notifications missed (PreviousWatermark), replayed from the last watermark."),
+                ("push_silent", "Push subscriptions silent past twice StatusFrequency and replaced."),
+            )
+        }
+        errors = CounterMetricFamily("bemsmail_ews_stream_errors", "Error codes in stream responses.",
+                                     labels=["tenant", "code"])
+        for name, source in self._sources.items():
+            subscribed.add_metric([name], source.subscribed())
+            streaming = source.streaming_groups()
+            groups.add_metric([name, "streaming"], streaming)
+            groups.add_metric([name, "down"], sum(1 for g in source.groups if g.members) - streaming)
+            for counter_name, family in counters.items():
+                family.add_metric([name], getattr(source.stats, counter_name))
+            for code, count in source.stats.stream_errors.items():
+                errors.add_metric([name, code], count)
+        return [subscribed, groups, *counters.values(), errors]
 
 
 class _DispatcherCollector(Collector):

@@ -236,11 +236,13 @@ class ApnsMock:
         return stats
 
 
-def start_apns_mock(tmp: Path, name: str, latency_ms: float, validate_headers: bool) -> ApnsMock:
+def start_apns_mock(tmp: Path, name: str, latency_ms: float, validate_headers: bool,
+                    history: int = 100) -> ApnsMock:
     key_file = generate_provider_key(tmp / "AuthKey.p8") if not (tmp / "AuthKey.p8").exists() else tmp / "AuthKey.p8"
     command = [sys.executable, "-m", "bemsmail.mocks.apns", "--cert-dir", str(tmp / "pki"), "--topic", TOPIC,
                "--key-id", KEY_ID, "--team-id", TEAM_ID, "--public-key-file", str(key_file),
-               "--latency-ms", str(latency_ms), *([] if validate_headers else ["--no-validate-headers"])]
+               "--latency-ms", str(latency_ms), "--history", str(history),
+               *([] if validate_headers else ["--no-validate-headers"])]
     process = MockProcess(command, tmp / f"{name}.log")
     ready = json.loads(process.ready)
     return ApnsMock(process, int(ready["port"]), f"http://127.0.0.1:{ready['control_port']}",

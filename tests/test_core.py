@@ -92,3 +92,18 @@ async def test_bus_delivers_to_every_handler_even_if_one_fails() -> None:
     await bus.publish("other", "ignored")
     assert got == ["hello"]
     assert OwnsEverything().owns("anyone@example.com")
+
+
+def test_folder_state_remembers_what_was_handed_on_in_the_last_second() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bemsmail.core.model import FolderState
+
+    t = datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC)
+    state = FolderState("a@example.com", "Inbox").after("one", t).after("two", t)
+    assert state.seen_through == t and state.seen_ids == ("one", "two")
+    assert state.handed_on("one", t) and not state.handed_on("three", t)  # same second, another item: new
+    assert state.handed_on("old", t - timedelta(seconds=1)) and not state.handed_on("new", t + timedelta(seconds=1))
+    later = state.after("three", t + timedelta(seconds=1))
+    assert later.seen_ids == ("three",)
+    assert later.after("one", t) is later  # an older sighting changes nothing

@@ -261,3 +261,103 @@ async def test_apps_that_fetch_on_wake_get_background_pushes(harness: Harness) -
     assert push.kind is PushKind.BACKGROUND and int(push.priority) == 5
     assert push.sound is None and push.rich is None and push.data["account"] == ALICE
     await relay.stop()
+
+
+# --- details on demand --------------------------------------------------------------------------------------
+
+class RecordingDetails:
+    """A MailDetails port that answers from a table and records what it was asked."""
+
+    def __init__(self, details: dict[str, object] | None = None, unread: int | None = 7) -> None:
+        from bemsmail.core.model import ItemDetails
+
+        self.table: dict[str, ItemDetails] = details or {}  # type: ignore[assignment]
+        self.unread = unread
+        self.item_calls: list[list[str]] = []
+        self.unread_calls = 0
+
+    async def item_details(self, mailbox: str, item_ids: list[str]) -> dict[str, object]:
+        self.item_calls.append(list(item_ids))
+        return {i: self.table[i] for i in item_ids if i in self.table}
+
+    async def unread_count(self, mailbox: str) -> int | None:
+        self.unread_calls += 1
+        return self.unread
+
+
+def bare(n: int = 1) -> MailboxEvent:
+    """What a stream notification gives: an item id in a folder, nothing more."""
+    return MailboxEvent(ALICE, "Inbox", f"item-{n}", EventKind.NEW_MAIL, START)
+
+
+async def with_details(harness: Harness, details: RecordingDetails) -> Relay:
+    relay = Relay(harness.store, harness.dispatch, harness.bus, harness.clock, harness.relay._policy,
+                  details=details)  # type: ignore[arg-type]
+    relay.start()
+    return relay
+
+
+async def test_minimal_devices_cost_no_item_lookup_and_get_the_badge(harness: Harness) -> None:
+    await harness.register()
+    details = RecordingDetails(unread=4)
+    relay = await with_details(harness, details)
+    await relay.on_event(bare())
+    await relay.stop()
+    assert details.item_calls == [] and details.unread_calls == 1
+    assert harness.dispatch.messages[-1].badge == 4
+
+
+async def test_an_unread_count_from_the_notification_spares_the_lookup(harness: Harness) -> None:
+    await harness.register()
+    details = RecordingDetails()
+    relay = await with_details(harness, details)
+    await relay.on_event(MailboxEvent(ALICE, "Inbox", "item-1", EventKind.NEW_MAIL, START, unread_count=2))
+    await relay.stop()
+    assert details.unread_calls == 0 and harness.dispatch.messages[-1].badge == 2
+
+
+async def test_vip_rules_and_rich_content_fetch_details_once_per_push(harness: Harness) -> None:
+    from bemsmail.core.model import ItemDetails
+
+    await harness.register(settings=DeviceSettings(vip_senders=("boss@example.com",), content="rich"))
+    details = RecordingDetails({
+        "item-1": ItemDetails(EventKind.NEW_MAIL, "Boss <boss@example.com>", "Numbers", "high"),
+        "item-2": ItemDetails(EventKind.NEW_MAIL, "spam@example.net", "Offer"),
+    })
+    relay = await with_details(harness, details)
+    await relay.on_event(bare(1))
+    await relay.on_event(bare(2))  # inside the coalescing window
+    await harness.clock.advance(1.5)
+    await relay.stop()
+    assert details.item_calls == [["item-1"], ["item-2"]]
+    assert len(harness.dispatch.messages) == 1  # item-2 is not from a VIP
+    rich = harness.dispatch.messages[0].rich
+    assert rich is not None and rich.subject == "Numbers" and rich.sender == "Boss <boss@example.com>"
+
+
+async def test_a_meeting_request_is_told_apart_only_by_its_details(harness: Harness) -> None:
+    from bemsmail.core.model import ItemDetails
+
+    await harness.register(settings=DeviceSettings(calendar=False))
+    details = RecordingDetails({"item-1": ItemDetails(EventKind.MEETING_REQUEST, "boss@example.com", "Sync")})
+    relay = await with_details(harness, details)
+    await relay.on_event(bare(1))
+    await relay.stop()
+    assert details.item_calls == [["item-1"]] and harness.dispatch.messages == []
+
+
+async def test_failing_details_do_not_stop_the_push(harness: Harness) -> None:
+    await harness.register(settings=DeviceSettings(content="rich"))
+
+    class Broken(RecordingDetails):
+        async def item_details(self, mailbox: str, item_ids: list[str]) -> dict[str, object]:
+            raise ConnectionError("exchange is down")
+
+        async def unread_count(self, mailbox: str) -> int | None:
+            raise ConnectionError("exchange is down")
+
+    relay = await with_details(harness, Broken())
+    await relay.on_event(bare(1))
+    await relay.stop()
+    [message] = harness.dispatch.messages
+    assert message.kind is PushKind.ALERT and message.rich is None and message.badge is None

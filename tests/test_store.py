@@ -154,3 +154,59 @@ async def test_timestamps_keep_microseconds_and_utc(store: SqlStore) -> None:
     assert got is not None
     assert got.created_at == datetime(2026, 7, 1, 12, 0, 0, 123456, tzinfo=UTC)
     assert got.last_seen_at - got.created_at == timedelta(seconds=90)
+
+
+async def test_watched_mailboxes_page_through_mailboxes_with_devices(store: SqlStore) -> None:
+    for n in range(7):
+        await store.upsert_registration(reg(f"u{n}@example.com", token=f"{n:02d}" * 32), "example", Backend.EWS)
+    await store.upsert_registration(
+        reg("u3@example.com", device="d2", token="ff" * 32, settings=DeviceSettings(folders=("Inbox", "Projects"))),
+        "example", Backend.EWS)
+    gone = await store.upsert_registration(reg("u4@example.com", device="d9", token="ee" * 32), "example",
+                                           Backend.EWS)
+    four = [r.id for r in await store.list_registrations("u4@example.com")]
+    for registration_id in four:
+        await store.delete_registration(registration_id)
+    assert gone.registration.id in four
+    seen: list[tuple[str, frozenset[str]]] = []
+    cursor = None
+    while page := await store.watched_mailboxes(cursor, 2):
+        seen += page
+        cursor = page[-1][0]
+    assert [m for m, _ in seen] == [f"u{n}@example.com" for n in (0, 1, 2, 3, 5, 6)]  # u4 has no devices left
+    assert dict(seen)["u3@example.com"] == {"Inbox", "Projects"}
+    assert dict(seen)["u0@example.com"] == {"Inbox"}
+
+
+async def test_folder_states_are_upserted_and_forgotten(store: SqlStore) -> None:
+    from bemsmail.core.model import FolderState
+
+    await store.upsert_registration(reg("a@example.com"), "example", Backend.EWS)
+    await store.upsert_registration(reg("b@example.com", token="cd" * 32), "example", Backend.EWS)
+    when = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    await store.save_folder_states(Backend.EWS, [
+        FolderState("a@example.com", "Inbox", sync_state="S1"),
+        FolderState("b@example.com", "Inbox", sync_state="S9", seen_through=when),
+    ])
+    await store.save_folder_states(Backend.EWS, [
+        FolderState("a@example.com", "Inbox", "S2", when, "sub-1", "W", seen_ids=("id-1", "id-2"))])
+    states = await store.folder_states(Backend.EWS, ["a@example.com", "b@example.com", "c@example.com"])
+    assert states[("a@example.com", "Inbox")] == FolderState("a@example.com", "Inbox", "S2", when, "sub-1", "W",
+                                                             ("id-1", "id-2"))
+    assert states[("b@example.com", "Inbox")].seen_through == when
+    assert await store.folder_states(Backend.GRAPH, ["a@example.com"]) == {}
+    await store.delete_folder_states(Backend.EWS, "a@example.com")
+    assert set(await store.folder_states(Backend.EWS, ["a@example.com", "b@example.com"])) == {
+        ("b@example.com", "Inbox")}
+
+
+async def test_concurrent_reads_share_queries_and_each_gets_its_own_devices(store: SqlStore) -> None:
+    for n in range(20):
+        await store.upsert_registration(reg(f"r{n}@example.com", token=f"{n:02d}" * 32), "example", Backend.EWS)
+    await store.upsert_registration(reg("r3@example.com", device="d2", token="ff" * 32), "example", Backend.EWS)
+    wanted = [f"r{n}@example.com" for n in range(20)] + ["r3@example.com", "nobody@example.com"]
+    results = await asyncio.gather(*(store.list_registrations(m) for m in wanted))
+    for mailbox, found in zip(wanted, results, strict=True):
+        assert all(r.mailbox == mailbox for r in found)
+    assert {r.device_id for r in results[3]} == {"d1", "d2"} == {r.device_id for r in results[20]}
+    assert results[-1] == []

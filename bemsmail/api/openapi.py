@@ -139,6 +139,28 @@ def document() -> dict[str, Any]:
                                   "503": _json(Health, "Not ready: database unreachable or schema not current")},
                 }
             },
+            "/ews/notification": {
+                "post": {
+                    "operationId": "ewsSendNotification",
+                    "summary": "EWS push mode: Exchange posts SendNotification here (SOAP, not JSON)",
+                    "security": [],
+                    "parameters": [{"name": "t", "in": "query", "required": True,
+                                    "description": "the secret token of the subscribing node",
+                                    "schema": {"type": "string"}}],
+                    "requestBody": {"required": True,
+                                    "content": {"text/xml": {"schema": {"type": "string"}}}},
+                    "responses": {
+                        "200": {"description": "SendNotificationResult: SubscriptionStatus OK or Unsubscribe",
+                                "content": {"text/xml": {"schema": {"type": "string"}}}},
+                        **{str(s): {"description": d,
+                                    "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref(ProblemDetail)}}}
+                           for s, d in ((400, "Not a SendNotification envelope"),
+                                        (403, "Not one of our subscriptions' callback URLs"),
+                                        (413, "Body over the size limit"),
+                                        (415, "Body is not text/xml"))},
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "operationId": "metrics",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import re
@@ -157,11 +158,58 @@ class MailboxEvent:
     subject: str | None = None
     importance: Literal["low", "normal", "high"] = "normal"
     unread_count: int | None = None
+    #: sender, subject, importance and kind come from the item itself (not guessed from a bare notification)
+    details_known: bool = False
 
     @property
     def dedupe_key(self) -> str:
-        """The same item seen twice (reconnect, catch-up, redelivered webhook) has the same key."""
-        return f"{self.mailbox}\x1f{self.kind}\x1f{self.item_id}"
+        """The same item seen twice (reconnect, catch-up, redelivered webhook) has the same key. The kind is not
+        part of it: a stream may report a meeting request as new mail before its details are known."""
+        return f"{self.mailbox}\x1f{self.item_id}"
+
+    def with_details(self, details: ItemDetails) -> MailboxEvent:
+        return dataclasses.replace(self, kind=details.kind, sender=details.sender, subject=details.subject,
+                                   importance=details.importance, details_known=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemDetails:
+    """What a source can tell about one item when asked (EWS GetItem, Graph GET message)."""
+
+    kind: EventKind
+    sender: str | None = None
+    subject: str | None = None
+    importance: Literal["low", "normal", "high"] = "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class FolderState:
+    """What a source keeps per watched folder so that nothing is lost across reconnects, restarts and moves:
+    where its change feed stands (EWS SyncState, Graph delta link), its remote subscription, and how far
+    items have already been handed on."""
+
+    mailbox: str
+    folder: str
+    sync_state: str | None = None
+    seen_through: datetime | None = None
+    remote_id: str | None = None
+    watermark: str | None = None
+    #: the items handed on that were received at exactly `seen_through` (times may have whole seconds only)
+    seen_ids: tuple[str, ...] = ()
+
+    def handed_on(self, item_id: str, received: datetime) -> bool:
+        """Whether catch-up would repeat an item already handed on."""
+        if self.seen_through is None:
+            return False
+        return received < self.seen_through or (received == self.seen_through and item_id in self.seen_ids)
+
+    def after(self, item_id: str, received: datetime, keep: int = 64) -> FolderState:
+        """This state once `item_id`, received at `received`, has been handed on."""
+        if self.seen_through is None or received > self.seen_through:
+            return dataclasses.replace(self, seen_through=received, seen_ids=(item_id,))
+        if received == self.seen_through and item_id not in self.seen_ids:
+            return dataclasses.replace(self, seen_ids=(*self.seen_ids, item_id)[-keep:])
+        return self
 
 
 class Priority(enum.IntEnum):

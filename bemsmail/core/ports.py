@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 
 from bemsmail.core.model import (
     Backend,
-    MailboxEvent,
+    ItemDetails,
     Outcome,
     PushMessage,
     Registration,
@@ -100,13 +100,30 @@ class Ownership(Protocol):
 
 
 class MailSource(Protocol):
-    """Watches mailboxes (EWS, Graph) and reports what happens in them."""
+    """Watches mailboxes of one backend (EWS, Graph) and hands what happens in them to the relay.
 
-    async def watch(self, mailbox: str) -> None: ...
+    `watch` and `unwatch` return at once: the source subscribes, catches up and reconnects on its own, and keeps
+    trying while the mailbox stays watched. Calling `watch` again with other folders changes what is watched."""
+
+    async def start(self) -> None: ...
+
+    async def watch(self, mailbox: str, folders: frozenset[str]) -> None: ...
 
     async def unwatch(self, mailbox: str) -> None: ...
 
-    def on_event(self, handler: Callable[[MailboxEvent], Awaitable[None]]) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class MailDetails(Protocol):
+    """What the relay may ask a source when a device's rules or rich content need more than the notification."""
+
+    async def item_details(self, mailbox: str, item_ids: Sequence[str]) -> Mapping[str, ItemDetails]:
+        """Details of the items that still exist; missing ones are left out."""
+        ...
+
+    async def unread_count(self, mailbox: str) -> int | None:
+        """The Inbox's unread count for the badge; None when it cannot be had quickly."""
+        ...
 
 
 class PushSender(Protocol):

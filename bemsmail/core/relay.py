@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import uuid
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from typing import Protocol
 
 from bemsmail.core.model import (
     Category,
+    DeviceSettings,
     EventKind,
     MailboxEvent,
     Outcome,
@@ -35,7 +37,7 @@ from bemsmail.core.model import (
     RegistrationChanged,
     RichContent,
 )
-from bemsmail.core.ports import Bus, Clock
+from bemsmail.core.ports import Bus, Clock, MailDetails
 from bemsmail.core.registrations import REGISTRATION_TOPIC
 from bemsmail.core.rules import Action, RulePolicy, Verdict, decide
 
@@ -93,6 +95,8 @@ class RelayPolicy:
     rich_content: Callable[[str], bool] = field(default=lambda _mailbox: False)
     #: app ids whose pushes wake the app to fetch (content-available) instead of showing an alert
     background_apps: frozenset[str] = frozenset()
+    #: how long a push may wait for item details or the unread count before it goes without them
+    details_timeout_seconds: float = 2.0
 
 
 class Deduper:
@@ -159,6 +163,12 @@ class _Window:
     waiting: list[MailboxEvent] = field(default_factory=list)
 
 
+def _needs_details(settings: DeviceSettings, rich_allowed: bool) -> bool:
+    """Whether this device's rules or content depend on more than "new item in folder X"."""
+    return (bool(settings.vip_senders) or settings.important_only or not settings.calendar or not settings.new_mail
+            or (settings.content == "rich" and rich_allowed))
+
+
 def collapse_id(mailbox: str) -> str:
     """Per mailbox, so a burst collapses on the phone; a hash, so the address is not in a header."""
     return "m-" + hashlib.sha256(mailbox.encode()).hexdigest()[: MAX_COLLAPSE_ID_BYTES // 2]
@@ -168,8 +178,9 @@ class Relay:
     """The one home of the *relay* verb."""
 
     def __init__(self, store: RelayStore, dispatch: Dispatch, bus: Bus, clock: Clock, policy: RelayPolicy,
-                 observer: RelayObserver | None = None) -> None:
+                 observer: RelayObserver | None = None, details: MailDetails | None = None) -> None:
         self._store = store
+        self._details = details
         self._dispatch = dispatch
         self._bus = bus
         self._clock = clock
@@ -256,6 +267,8 @@ class Relay:
         if not devices:
             self._observer.event(events[-1], "no_devices")
             return
+        if self._details is not None:
+            events = await self._enrich(mailbox, events, devices)
         now = self._clock.now()
         pushed = False
         for registration in devices:
@@ -265,6 +278,40 @@ class Relay:
                 future.add_done_callback(self._recorder(message))
                 pushed = True
         self._observer.event(events[-1], "pushed" if pushed else "filtered")
+
+    async def _enrich(self, mailbox: str, events: Sequence[MailboxEvent],
+                      devices: Sequence[Registration]) -> Sequence[MailboxEvent]:
+        """Ask the source for what the notification lacked, only when some device's rules or content need it:
+        sender/subject/importance/kind by one batched item request, the unread count for the badge."""
+        assert self._details is not None
+        rich = self._policy.rich_content(mailbox)
+        missing = [e.item_id for e in events if not e.details_known]
+        want_details = bool(missing) and any(_needs_details(r.settings, rich) for r in devices)
+        want_badge = (all(e.unread_count is None for e in events)
+                      and any(r.settings.badge and r.app_id not in self._policy.background_apps for r in devices))
+        if not want_details and not want_badge:
+            return events
+        timeout = self._policy.details_timeout_seconds
+        enriched = list(events)
+        if want_details:
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the result
+                async with asyncio.timeout(timeout):
+                    found = await self._details.item_details(mailbox, missing)
+            except Exception as exc:  # details are a nicety: the push goes out with what the notification had
+                self._observer.store_failed("item_details", exc)
+                found = {}
+            enriched = [e.with_details(found[e.item_id]) if e.item_id in found else e for e in enriched]
+        if want_badge:
+            try:
+                async with asyncio.timeout(timeout):
+                    unread = await self._details.unread_count(mailbox)
+            except Exception as exc:
+                self._observer.store_failed("unread_count", exc)
+                unread = None
+            if unread is not None:
+                enriched[-1] = dataclasses.replace(enriched[-1], unread_count=unread)
+        return enriched
 
     def _message_for(self, registration: Registration, events: Sequence[MailboxEvent],
                      now: datetime) -> PushMessage | None:
@@ -290,7 +337,8 @@ class Relay:
         if kind is PushKind.BADGE and (badge is None or not settings.badge):
             return None  # a silent update with nothing to update
         rich = None
-        if kind is PushKind.ALERT and settings.content == "rich" and self._policy.rich_content(registration.mailbox):
+        if (kind is PushKind.ALERT and settings.content == "rich" and (latest.sender or latest.subject)
+                and self._policy.rich_content(registration.mailbox)):
             rich = RichContent(latest.sender, latest.subject, latest.importance)
         category = Category.MEETING_REQUEST if latest.kind is EventKind.MEETING_REQUEST else Category.NEW_MAIL
         data = {"account": registration.mailbox, "folder": latest.folder, "count": str(len(alerting) or len(events))}

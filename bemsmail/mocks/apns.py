@@ -835,6 +835,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="PEM public key (or the .p8 itself) for the --key-id at the same position")
     parser.add_argument("--max-streams", type=int, default=1000, help="SETTINGS_MAX_CONCURRENT_STREAMS")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every answer")
+    parser.add_argument("--history", type=int, default=100, help="requests kept for GET /mock/requests")
     parser.add_argument("--no-validate-headers", action="store_true",
                         help="skip h2's inbound header validation (about a third of the CPU per request)")
     return parser
@@ -847,6 +848,7 @@ async def _serve(args: argparse.Namespace) -> None:
                                                                               strict=True)]
     mock = MockApns(args.cert_dir, topics=args.topic, keys=keys, host=args.host, port=args.port,
                     control_port=args.control_port, max_streams=args.max_streams, latency_ms=args.latency_ms,
+                    history=args.history,
                     validate_headers=not args.no_validate_headers)
     stop = asyncio.Event()
     install_stop_handlers(stop)

@@ -21,6 +21,7 @@ from bemsmail.core.model import (
     Backend,
     DeviceSettings,
     Environment,
+    FolderState,
     MailboxState,
     Platform,
     Registration,
@@ -31,7 +32,7 @@ from bemsmail.core.model import (
 from bemsmail.core.ports import Clock, SchemaStatus
 from bemsmail.store import schema
 from bemsmail.store.batching import Batcher
-from bemsmail.store.tables import mailboxes, registrations
+from bemsmail.store.tables import mailboxes, registrations, subscriptions
 
 T = TypeVar("T")
 
@@ -41,6 +42,7 @@ _RETRYABLE_MYSQL = {1213, 1205, 1062}
 _MAX_ATTEMPTS = 5
 _KNOWN_MAILBOXES = 100_000
 
+_FOLDER_STATE_FIELDS = ("sync_state", "seen_through", "seen_ids", "remote_id", "watermark", "updated_at")
 MUTABLE_FIELDS = frozenset({"token", "app_id", "environment", "locale", "timezone", "settings"})
 
 
@@ -94,6 +96,7 @@ class SqlStore:
         # Mailbox rows are never deleted while registrations point at them, so "we inserted it" stays true.
         self._known_mailboxes: OrderedDict[str, None] = OrderedDict()
         self._upserts: Batcher[_Upsert, UpsertResult] = Batcher(self._upsert_batch)
+        self._reads: Batcher[str, Sequence[Registration]] = Batcher(self._read_batch, max_batch=500)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -252,15 +255,23 @@ class SqlStore:
         return None if row is None else _row_to_registration(row)
 
     async def list_registrations(self, mailbox: str) -> Sequence[Registration]:
+        """A mailbox's devices, oldest first. Reads arriving together share one query (the relay asks once per
+        mailbox with new mail, so at a thousand mails a second this is one query per batch, not per mail)."""
+        return await self._reads.submit(mailbox)
+
+    async def _read_batch(self, batch: Sequence[str]) -> list[Sequence[Registration] | BaseException]:
+        wanted = sorted(set(batch))
+        found: dict[str, list[Registration]] = {m: [] for m in wanted}
+        r = registrations.c
         async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(registrations)
-                    .where(registrations.c.mailbox == mailbox)
-                    .order_by(registrations.c.created_at, registrations.c.id)
-                )
-            ).mappings().all()
-        return [_row_to_registration(row) for row in rows]
+            for start in range(0, len(wanted), 500):
+                rows = (await conn.execute(
+                    sa.select(registrations).where(r.mailbox.in_(wanted[start : start + 500]))
+                    .order_by(r.mailbox, r.created_at, r.id)
+                )).mappings().all()
+                for row in rows:
+                    found[row["mailbox"]].append(_row_to_registration(row))
+        return [list(found[m]) for m in batch]
 
     async def update_registration(
         self, registration_id: str, changes: Mapping[str, object]
@@ -361,6 +372,88 @@ class SqlStore:
 
         return await self._retrying(work)
 
+    # --- watched mailboxes and folder state ------------------------------------------------------------------
+
+    async def watched_mailboxes(self, after: str | None, limit: int) -> Sequence[tuple[str, frozenset[str]]]:
+        """The next mailboxes after `after` (address order) that have registrations, each with the union of its
+        devices' folders: one page of what a node has to watch at start-up. Empty when there are no more."""
+        m, r = mailboxes.c, registrations.c
+        shared: dict[frozenset[str], frozenset[str]] = {}  # most mailboxes watch just the Inbox: share one set
+        cursor = after or ""
+        while True:
+            async with self._engine.connect() as conn:
+                page = (await conn.execute(
+                    sa.select(m.address).where(m.address > cursor).order_by(m.address).limit(limit)
+                )).scalars().all()
+                if not page:
+                    return []
+                rows = (await conn.execute(sa.select(r.mailbox, r.settings).where(r.mailbox.in_(page)))).all()
+            folders: dict[str, set[str]] = {}
+            for mailbox, settings in rows:
+                wanted = settings.get("folders", ("Inbox",)) if isinstance(settings, dict) else ("Inbox",)
+                folders.setdefault(mailbox, set()).update(wanted)
+            result = []
+            for mailbox in page:
+                if mailbox in folders:
+                    key = frozenset(folders[mailbox])
+                    result.append((mailbox, shared.setdefault(key, key)))
+            if result or len(page) < limit:
+                return result
+            cursor = page[-1]  # a full page of mailboxes whose devices are all gone: look further
+
+    async def folder_states(self, backend: Backend, mailboxes_: Sequence[str]) -> dict[tuple[str, str], FolderState]:
+        """The stored state of every folder of these mailboxes, keyed by (mailbox, folder)."""
+        c = subscriptions.c
+        found: dict[tuple[str, str], FolderState] = {}
+        async with self._engine.connect() as conn:
+            for start in range(0, len(mailboxes_), 1000):
+                chunk = list(mailboxes_[start : start + 1000])
+                rows = (await conn.execute(
+                    sa.select(c.mailbox, c.folder, c.sync_state, c.seen_through, c.remote_id, c.watermark,
+                              c.seen_ids)
+                    .where(c.backend == backend.value, c.mailbox.in_(chunk))
+                )).all()
+                for row in rows:
+                    found[(row.mailbox, row.folder)] = FolderState(
+                        row.mailbox, row.folder, row.sync_state, row.seen_through, row.remote_id, row.watermark,
+                        tuple(row.seen_ids.split("\n")) if row.seen_ids else ())
+        return found
+
+    async def save_folder_states(self, backend: Backend, states: Sequence[FolderState]) -> None:
+        """Insert or replace the state of these folders, in one statement per 500."""
+        now = self._clock.now()
+        for start in range(0, len(states), 500):
+            rows = [
+                {"mailbox": st.mailbox, "backend": backend.value, "folder": st.folder, "sync_state": st.sync_state,
+                 "seen_through": st.seen_through, "seen_ids": "\n".join(st.seen_ids) or None,
+                 "remote_id": st.remote_id, "watermark": st.watermark,
+                 "fencing_epoch": 0, "created_at": now, "updated_at": now}
+                for st in sorted(states[start : start + 500], key=lambda st: (st.mailbox, st.folder))
+            ]
+
+            async def work(conn: AsyncConnection, rows: list[dict[str, Any]] = rows) -> None:
+                stmt: sa.Executable
+                if self._sqlite:
+                    insert = sqlite_dialect.insert(subscriptions)
+                    stmt = insert.on_conflict_do_update(
+                        index_elements=["mailbox", "backend", "folder"],
+                        set_={name: insert.excluded[name] for name in _FOLDER_STATE_FIELDS})
+                else:
+                    insert_my = mysql_dialect.insert(subscriptions)
+                    stmt = insert_my.on_duplicate_key_update(
+                        {name: insert_my.inserted[name] for name in _FOLDER_STATE_FIELDS})
+                await conn.execute(stmt, rows)
+
+            await self._retrying(work)
+
+    async def delete_folder_states(self, backend: Backend, mailbox: str) -> None:
+        c = subscriptions.c
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(sa.delete(subscriptions).where(c.backend == backend.value, c.mailbox == mailbox))
+
+        await self._retrying(work)
+
     # --- health ----------------------------------------------------------------------------------------------
 
     async def ping(self) -> None:
@@ -372,4 +465,5 @@ class SqlStore:
 
     async def close(self) -> None:
         await self._upserts.close()
+        await self._reads.close()
         await self._engine.dispose()

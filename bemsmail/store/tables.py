@@ -106,6 +106,10 @@ subscriptions = sa.Table(
     sa.Column("sync_state", sa.Text(), nullable=True),
     sa.Column("watermark", sa.Text(), nullable=True),
     sa.Column("delta_link", sa.Text(), nullable=True),
+    #: the receive time of the newest item the source has handed to the relay (catch-up skips older ones)
+    sa.Column("seen_through", UtcDateTime(), nullable=True),
+    #: ids of the items received at exactly seen_through, newline-separated (EWS times have whole seconds)
+    sa.Column("seen_ids", sa.Text(), nullable=True),
     sa.Column("owner", sa.String(200), nullable=True),
     sa.Column("fencing_epoch", sa.BigInteger(), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),

@@ -1,0 +1,1 @@
+"""Where mailbox events come from: the EWS and Graph adapters behind the MailSource port."""

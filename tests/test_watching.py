@@ -1,0 +1,124 @@
+"""Watching follows registrations: the first device of a mailbox starts its watch, other folders change it, the
+last device leaving stops it; at start-up every mailbox with devices is watched."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from bemsmail.cluster.memory import InProcessBus
+from bemsmail.config import DatabaseConfig
+from bemsmail.core.clock import FakeClock
+from bemsmail.core.model import Backend, DeviceSettings, Platform, RegistrationInput
+from bemsmail.core.registrations import RegistrationService
+from bemsmail.core.tenants import Tenant, TenantDirectory
+from bemsmail.core.watching import Watcher
+from bemsmail.store.engine import create_engine
+from bemsmail.store.schema import migrate
+from bemsmail.store.sql import SqlStore
+
+
+class RecordingSource:
+    """A MailSource that records what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, frozenset[str] | None]] = []
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def watch(self, mailbox: str, folders: frozenset[str]) -> None:
+        self.calls.append(("watch", mailbox, folders))
+
+    async def unwatch(self, mailbox: str) -> None:
+        self.calls.append(("unwatch", mailbox, None))
+
+
+class NotMine:
+    def owns(self, mailbox: str) -> bool:
+        return not mailbox.startswith("other")
+
+
+@dataclass
+class World:
+    watcher: Watcher
+    source: RecordingSource
+    service: RegistrationService
+    clock: FakeClock
+    store: SqlStore
+
+    async def register(self, mailbox: str, device: str = "d1", **settings: object) -> str:
+        data = RegistrationInput(mailbox=mailbox, device_id=device, platform=Platform.IOS,
+                                 token=f"{abs(hash((mailbox, device))):064x}", app_id="app",
+                                 settings=DeviceSettings(**settings))  # type: ignore[arg-type]
+        return (await self.service.register(data)).registration.id
+
+
+async def settled(world: World) -> None:
+    """Let the watcher's settle delay pass and its store reads (real I/O) finish."""
+    for _ in range(5):
+        await asyncio.sleep(0)  # the settle loop registers its sleep on the fake clock
+    await world.clock.advance(0.5)
+    for _ in range(200):
+        if not world.watcher.busy and not world.watcher._wake.is_set():
+            break
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    clock = FakeClock(datetime(2026, 3, 2, tzinfo=UTC))
+    engine = create_engine(DatabaseConfig(url=f"sqlite+aiosqlite:///{tmp_path / 'w.db'}"))
+    await migrate(engine)
+    store = SqlStore(engine, clock)
+    bus = InProcessBus()
+    tenants = TenantDirectory([Tenant("onprem", Backend.EWS, ("example.com",)),
+                               Tenant("cloud", Backend.GRAPH, ("cloud.example",))])
+    service = RegistrationService(store, bus, tenants, {"app": Platform.IOS})
+    source = RecordingSource()
+    watcher = Watcher(store, bus, clock, NotMine(), tenants, {"onprem": source})
+    yield World(watcher, source, service, clock, store)
+    await watcher.stop()
+    await store.close()
+
+
+async def test_start_watches_every_owned_mailbox_with_devices(world: World) -> None:
+    for n in range(5):
+        await world.register(f"u{n}@example.com")
+    await world.register("u1@example.com", device="d2", folders=("Inbox", "Projects"))
+    await world.register("other@example.com")  # another node's
+    await world.register("x@cloud.example")  # a tenant without a source here
+    assert await world.watcher.start() == 5
+    assert ("watch", "u1@example.com", frozenset({"Inbox", "Projects"})) in world.source.calls
+    assert {c[1] for c in world.source.calls} == {f"u{n}@example.com" for n in range(5)}
+
+
+async def test_registrations_start_change_and_stop_a_watch(world: World) -> None:
+    await world.watcher.start()
+    first = await world.register("alice@example.com")
+    await world.register("alice@example.com", device="d2")  # settles with the first: one watch
+    await settled(world)
+    assert world.source.calls == [("watch", "alice@example.com", frozenset({"Inbox"}))]
+
+    ipad = await world.register("alice@example.com", device="d3", folders=("Inbox", "VIP"))
+    await settled(world)
+    assert world.source.calls[-1] == ("watch", "alice@example.com", frozenset({"Inbox", "VIP"})), world.source.calls
+
+    await world.service.delete(ipad)
+    await settled(world)
+    assert world.source.calls[-1] == ("watch", "alice@example.com", frozenset({"Inbox"}))
+    calls = len(world.source.calls)
+    await world.service.delete(first)
+    await settled(world)
+    assert len(world.source.calls) == calls  # one device is left: nothing changes
+    for registration in await world.store.list_registrations("alice@example.com"):
+        await world.service.delete(registration.id)
+    await settled(world)
+    assert world.source.calls[-1] == ("unwatch", "alice@example.com", None)
+    assert "alice@example.com" not in world.watcher.watched
