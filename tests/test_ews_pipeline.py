@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.core.model import Platform, RegistrationInput
-from bemsmail.devconfig import write_dev_config
+from bemsmail.devconfig import MOCK_EWS_URL, write_dev_config
 from bemsmail.mocks.apns import MockApns, load_provider_key
 from bemsmail.mocks.ews import MockExchange
 from bemsmail.mocks.tls import ensure_test_pki
@@ -119,3 +120,40 @@ async def test_mail_during_a_restart_is_pushed_once(world: tuple[Callable[[], Co
         assert len(pushes_for(apns)) == 2
     finally:
         await node.stop()
+
+
+async def test_check_config_connect_reaches_each_ews_tenant(
+        world: tuple[Callable[[], Config], MockExchange, MockApns], tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from bemsmail.store.engine import create_engine
+    from bemsmail.store.schema import migrate
+
+    config, ews, _ = world
+    engine = create_engine(config().database)
+    await migrate(engine)
+    await engine.dispose()
+
+    async def check(config_file: str = "bemsmail.toml", **env: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bemsmail", "check-config", "--config", str(tmp_path / config_file),
+            "--connect", "--mailbox", ALICE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **({"BEMSMAIL_TENANTS__0__EWS__URL": ews.ews_url} if config_file == "bemsmail.toml"
+                                  else {}), **{k: v for k, v in env.items() if v}})
+        out, _ = await process.communicate()
+        return process.returncode or 0, out.decode()
+
+    code, out = await check()
+    assert code == 0, out
+    assert f"EWS reachable at {ews.ews_url}" in out and "0 unread" in out
+    text = (tmp_path / "bemsmail.toml").read_text()
+    (tmp_path / "discover.toml").write_text(
+        re.sub(f'(?m)^url = "{re.escape(MOCK_EWS_URL)}"$', f'autodiscover_url = "{ews.autodiscover_url}"', text))
+    code, out = await check("discover.toml", BEMSMAIL_TENANTS__0__EWS__URL="")
+    assert code == 0, out
+    assert "autodiscover: " in out and ews.grouping(ALICE) in out
+    (tmp_path / "wrong").write_text("not-the-password")
+    code, out = await check(BEMSMAIL_TENANTS__0__EWS__PASSWORD_FILE=str(tmp_path / "wrong"))
+    assert code != 0 and "EWS call for alice@example.com failed" in out
+    assert "not-the-password" not in out

@@ -390,3 +390,73 @@ async def test_silent_push_subscriptions_are_replaced(push_source: tuple[EwsSour
     await eventually(lambda: list(source._by_subscription) not in ([], [old]), "resubscribed")
     item = mock.create_mail(mailbox)
     await eventually(lambda: item in sink.items(), "mail on the new subscription")
+
+
+# --- autodiscover, NTLM, affinity isolation, secrets -----------------------------------------------------------
+
+async def test_autodiscover_groups_mailboxes_by_grouping_information(mock: MockExchange, store: SqlStore) -> None:
+    mailboxes = users(12, prefix="ad")
+    await registered(store, *mailboxes)
+    sink = Sink()
+    source = EwsSource(settings(mock, url=None, autodiscover_url=mock.autodiscover_url, group_size=200), store,
+                       SystemClock(), sink)
+    await source.start()
+    try:
+        await watch_all(source, mailboxes)
+        for group in source.groups:
+            assert group.key[0] == mock.ews_url  # ExternalEwsUrl from GetUserSettings
+            assert {mock.grouping(w.mailbox) for w in group.members.values()} == {group.key[1]}
+        assert len(source.groups) == len({mock.grouping(m) for m in mailboxes})
+        assert mock.stats.requests["GetUserSettings"] >= 1
+        item = mock.create_mail(mailboxes[5])
+        await eventually(lambda: item in sink.items(), "mail through the discovered endpoint")
+    finally:
+        await source.stop()
+
+
+async def test_ntlm_for_exchangelib_calls_and_our_streams(store: SqlStore) -> None:
+    mailboxes = users(3, prefix="ntlm")
+    await registered(store, *mailboxes)
+    async with MockExchange(auth="ntlm", users={"svc": "secret"}, heartbeat_seconds=0.2, minute_seconds=2.0) as mock:
+        sink = Sink()
+        source = EwsSource(settings(mock, auth="ntlm"), store, SystemClock(), sink)
+        await source.start()
+        try:
+            await watch_all(source, mailboxes)
+            item = mock.create_mail(mailboxes[2])
+            await eventually(lambda: item in sink.items(), "mail over an NTLM-authenticated stream")
+            assert {r.user for r in mock.requests()} == {"svc"}
+        finally:
+            await source.stop()
+
+
+async def test_affinity_cookies_never_cross_groups(start: Started, mock: MockExchange, store: SqlStore) -> None:
+    mailboxes = users(12, prefix="aff")
+    await registered(store, *mailboxes)
+    source, _ = await start()
+    await watch_all(source, mailboxes)
+    cookie_of = {w.mailbox: g.cookie for g in source.groups for w in g.members.values()}
+    assert all(cookie_of.values())  # each group pinned by its own anchor's answer
+    for record in mock.requests():
+        if record.operation == "Subscribe" and record.impersonated in cookie_of:
+            sent = {c for c in (record.backend_override_cookie,
+                                (record.cookie or "").removeprefix("X-BackEndOverrideCookie=")) if c}
+            assert sent <= {cookie_of[record.impersonated]}, "a cookie of another group rode along"
+
+
+async def test_no_password_in_logs_or_errors(mock: MockExchange, store: SqlStore) -> None:
+    from structlog.testing import capture_logs
+
+    await registered(store, "wrong@example.com")
+    sink = Sink()
+    secret = "s3cr3t-Pa55word"
+    source = EwsSource(settings(mock, password=secret), store, SystemClock(), sink)
+    with capture_logs() as logs:
+        await source.start()
+        try:
+            await source.watch("wrong@example.com", INBOX)
+            await eventually(lambda: source.stats.subscribe_failures >= 1, "the refused subscribe")
+        finally:
+            await source.stop()
+    assert logs and secret not in repr(logs)
+    assert secret not in repr(source.settings) and secret not in repr(source.client.settings)

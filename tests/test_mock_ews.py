@@ -641,10 +641,11 @@ async def test_silenced_streams_send_nothing_until_the_silence_ends(mock: MockEx
     reader = await soap.open_stream([sid], impersonate=ANN, minutes=30)
     await wait_for(lambda: mock.stats.open_streams == 1, what="the stream")
     await reader.next_matching(is_heartbeat)
-    mock.silence_streams(1.0)
+    mock.silence_streams(60)
     mock.create_mail(ANN)
     with pytest.raises(TimeoutError):
         await reader.next(within=0.5)  # not even a heartbeat, though they are due every 0.1 s
+    mock.silence_streams(0)  # lifting the silence releases what was held
     doc = await reader.next_matching(has_notifications, within=10)
     assert len(list(doc.iter(f"{M}Notification"))) == 1
     reader.close()

@@ -18,6 +18,12 @@ Routes (one port, plain HTTP/1.1):
   ``POST /_mock/skip-push`` {subscription_id, n?}; ``POST /_mock/reset``; ``GET /_mock/stats``;
   ``GET /_mock/subscriptions?mailbox=...``; ``GET /_mock/requests?limit=N``; ``GET /_mock/health``.
 
+Python API (``MockExchange``): ``start``/``stop``/``async with``; ``base_url``, ``ews_url``, ``autodiscover_url``;
+``create_mail``, ``create_mails`` (bulk), ``mark_read``, ``update_mail``, ``delete_mail``, ``create_folder``;
+``grouping``/``backend_of``/``cookie_for``; ``subscription(id)``/``subscriptions_of(mailbox)`` (``SubscriptionInfo``);
+``stats`` (``MockEwsStats``, with ``recent_requests``: the last 1,000 ``RequestRecord``) and ``requests()``; the
+fault hooks below. `serve_in_thread` runs a mock on its own loop for blocking callers; `main` is ``bemsmail mock ews``.
+
 Authentication (``auth``): ``basic`` (401 with ``WWW-Authenticate: Basic realm="mock.local"``), ``ntlm`` (a real
 NTLM handshake per TCP connection, verified by pyspnego's acceptor, as IIS does: once a connection has authenticated,
 later requests on it need no header) or ``none``. The control API needs none.
@@ -1115,16 +1121,22 @@ class MockExchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _alive(self, sub: _Subscription, now: float) -> bool:
-        """Whether `sub` lives, expiring it now if its idle time ran out (checked lazily; the sweeper frees memory)."""
-        if not sub.alive:
-            return False
+    def _expiry(self, sub: _Subscription, now: float) -> str | None:
+        """Why `sub` has run out of idle time by `now` (None: it has not). No side effects: safe from any thread."""
         if sub.kind == STREAMING and sub.stream is None:
             if now - sub.detached_at > self.subscription_idle_minutes * self.minute_seconds:
-                self._end(sub, "idle")
-                return False
+                return "idle"
         elif sub.kind == PULL and now - sub.last_poll > sub.timeout:
-            self._end(sub, "timeout")
+            return "timeout"
+        return None
+
+    def _alive(self, sub: _Subscription, now: float) -> bool:
+        """Whether `sub` lives, ending it now if its idle time ran out (checked lazily; the sweeper frees memory)."""
+        if not sub.alive:
+            return False
+        reason = self._expiry(sub, now)
+        if reason is not None:
+            self._end(sub, reason)
             return False
         return True
 
@@ -1380,7 +1392,8 @@ class MockExchange:
         return SubscriptionInfo(
             id=self._sub_id(sub), mailbox=mb.address, kind=sub.kind, folders=folders,
             event_types=tuple(name for name in EVENT_TYPES if sub.mask & _BIT[name]),
-            backend=self.backend_name(sub.backend), alive=sub.alive and self._alive(sub, time.monotonic()),
+            backend=self.backend_name(sub.backend),
+            alive=sub.alive and self._expiry(sub, time.monotonic()) is None,
             on_stream=sub.stream is not None, pending_events=len(sub.pending or ()),
             url=sub.push.url if sub.push else None,
             status_frequency=sub.push.status_frequency if sub.push else None)
@@ -1398,7 +1411,8 @@ class MockExchange:
         mb = self._mailboxes.get(mailbox.strip().lower())
         if mb is None or not mb.subs:
             return []
-        return [self._info(s) for s in list(mb.subs) if s.alive]
+        now = time.monotonic()
+        return [self._info(s) for s in list(mb.subs) if s.alive and self._expiry(s, now) is None]
 
     # --- HTTP: authentication -----------------------------------------------------------------------------------------
 
@@ -1473,32 +1487,36 @@ class MockExchange:
             raise _SoapFault("ErrorSchemaValidation", "DTD is prohibited in this XML document.")
         return root
 
+    def _parse_ews(self, request: web.Request, body: bytes, user: str) -> _Ctx:
+        """The request's operation element and SOAP header facts. Only the operation element is kept (in the
+        context): a stream lives for up to 30 minutes and must not hold more of its request than it needs."""
+        root = self._parse(body)
+        soap_body = root.find(_S + "Body")
+        if root.tag != _S + "Envelope" or soap_body is None or len(soap_body) == 0:
+            raise _SoapFault("ErrorSchemaValidation", "The request is not a SOAP 1.1 envelope.")
+        op = soap_body[0]
+        if not isinstance(op.tag, str) or not op.tag.startswith(_M):
+            raise _SoapFault("ErrorSchemaValidation", f"Unexpected body element {op.tag!r}.")
+        ctx = _Ctx(request, op.tag[len(_M):], op, user or None)
+        sid = root.find(f"{_S}Header/{_T}ExchangeImpersonation/{_T}ConnectingSID")
+        if sid is not None:
+            for tag in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName"):
+                value = _text(sid, _T + tag)
+                if value:
+                    ctx.impersonated = value.lower()
+                    break
+        return ctx
+
     async def _ews(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         user = self._authenticate(request)
         if isinstance(user, web.Response):
+            await request.read()  # NTLM: the connection stays open for the next leg, so consume this body
             return user
         try:
-            root = self._parse(body)
-            soap_body = root.find(_S + "Body")
-            if root.tag != _S + "Envelope" or soap_body is None or len(soap_body) == 0:
-                raise _SoapFault("ErrorSchemaValidation", "The request is not a SOAP 1.1 envelope.")
-            op = soap_body[0]
-            if not isinstance(op.tag, str) or not op.tag.startswith(_M):
-                raise _SoapFault("ErrorSchemaValidation", f"Unexpected body element {op.tag!r}.")
+            ctx = self._parse_ews(request, await request.read(), user)
         except _SoapFault as fault:
             return _xml_response(_fault_body(fault.code, fault.text, fault.back_off_ms), 500)
-        op_name = op.tag[len(_M):]
-        ctx = _Ctx(request, op_name, op, user or None)
-        header = root.find(_S + "Header")
-        if header is not None:
-            sid = header.find(f"{_T}ExchangeImpersonation/{_T}ConnectingSID")
-            if sid is not None:
-                for tag in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName"):
-                    value = _text(sid, _T + tag)
-                    if value:
-                        ctx.impersonated = value.lower()
-                        break
+        op_name = ctx.op_name
         record = RequestRecord(
             at=time.time(), operation=op_name, mailbox=self._mailbox_hint(ctx), impersonated=ctx.impersonated,
             anchor_mailbox=request.headers.get("X-AnchorMailbox"),
@@ -1801,6 +1819,7 @@ class MockExchange:
         op = ctx.op
         ids = [el.text.strip() for el in op.iterfind(f"{_M}SubscriptionIds/{_T}SubscriptionId") if el.text]
         minutes = self._int_in(_text(op, _M + "ConnectionTimeout"), 1, 30, "ConnectionTimeout")
+        ctx.op = op = None  # the parsed request is not needed for the life of the stream
         if not ids or len(ids) > MAX_IDS_PER_STREAM:
             return _xml_response(_envelope("GetStreamingEvents", _error(
                 "GetStreamingEvents", "ErrorInvalidArgument",
@@ -2594,7 +2613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`bemsmail mock ews`: serve until SIGTERM/SIGINT; prints ``listening on http://HOST:PORT`` once it listens."""
     parser = argparse.ArgumentParser(prog="bemsmail mock ews", description="Mock Exchange Web Services (EWS SOAP).")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8085, help="0 picks a free port (default 8085)")
+    parser.add_argument("--port", type=int, default=8081,
+                        help="0: a free port (default 8081, as `bemsmail init` expects)")
     parser.add_argument("--auth", choices=("basic", "ntlm", "none"), default="basic")
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
                         help="an account that may log in (repeatable; default svc:secret)")
