@@ -80,10 +80,14 @@ class Load:
 
     def __init__(self, base: str, population: int) -> None:
         self.base = base
-        self.unused = list(range(population))
-        random.Random(11).shuffle(self.unused)
+        self.population = population
+        self.unused: list[int] = []
+        self._random = random.Random(11)
 
     def run(self, rate: float, seconds: float) -> dict[str, float]:
+        """Each round uses each mailbox at most once (rounds start afresh: latency is per round)."""
+        self.unused = list(range(self.population))
+        self._random.shuffle(self.unused)
         created: dict[str, float] = {}
         batch = 10
         start = time.perf_counter()

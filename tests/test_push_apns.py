@@ -426,7 +426,7 @@ async def test_default_endpoints_are_apples(key_file: Path) -> None:
 
 async def test_untrusted_server_is_a_transport_failure(mock: MockApns, key_file: Path, tmp_path: Path) -> None:
     other_ca = ensure_test_pki(tmp_path / "other-pki")
-    apns = ApnsSender(app_config(mock, key_file, timeout_seconds=0.5, endpoint={
+    apns = ApnsSender(app_config(mock, key_file, timeout_seconds=10, endpoint={
         "host": "127.0.0.1", "port": mock.port, "ca_file": other_ca.ca_cert}))
     try:
         outcome = await apns.send(push())

@@ -718,21 +718,25 @@ class ApnsSender:
             result = await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except TimeoutError:
             self._abandon(task)
-            what = f"no answer within {self.timeout:g}s"
-            failed_at, error = self._connect_error
-            if error and time.monotonic() - failed_at <= self.timeout:
-                what += f" (connecting failed: {error})"
-            return self._failed(message, what)
+            return self._failed(message, self._with_cause(f"no answer within {self.timeout:g}s"))
         except asyncio.CancelledError:
             self._abandon(task)
             raise
         except _TRANSPORT_ERRORS as exc:
-            return self._failed(message, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return self._failed(message, self._with_cause(f"{type(exc).__name__}: {exc}" if str(exc)
+                                                          else type(exc).__name__))
         status = int(result.status) if result.status.isdigit() else 0
         if not status:
             return self._failed(message, f"unreadable status {result.status!r}")
         return apns_outcome(status, result.description, result.timestamp,
                             result.retry_after if isinstance(result, _Result) else None)
+
+    def _with_cause(self, what: str) -> str:
+        """Name the connect failure of this send, if any: aioapns reports only that its attempts ran out."""
+        failed_at, error = self._connect_error
+        if error and time.monotonic() - failed_at <= self.timeout:
+            what += f" (connecting failed: {error})"
+        return what
 
     def _failed(self, message: PushMessage, what: str) -> Outcome:
         log.debug("apns_transport_failure", app=self.app_id, token=token_fingerprint(message.token)[:12], error=what)

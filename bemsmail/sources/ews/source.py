@@ -63,7 +63,7 @@ MISSED = "ErrorMissedNotificationEvents"
 RETRY_INITIAL = 1.0
 RETRY_MAX = 300.0
 EVENT_QUEUE = 10_000
-EVENT_WORKERS = 8
+EVENT_WORKERS = 64  # each waits on the relay (a registration read per new mailbox): enough to batch them
 FLUSH_SECONDS = 2.0
 LOAD_BATCH = 1000
 #: how long a push post for an unknown subscription waits for Subscribes in flight (Exchange allows 30 s)
@@ -276,9 +276,9 @@ class EwsSource:
         while True:
             watch = await self._subscribe_queue.get()
             watch.queued = False
-            if watch.removed or watch.subscription_id is not None:
-                continue
             try:
+                if watch.removed or watch.subscription_id is not None:
+                    continue
                 await self._subscribe(watch)
                 watch.retry_delay = RETRY_INITIAL
             except EwsCallError as exc:
@@ -290,6 +290,8 @@ class EwsSource:
             except Exception:
                 log.exception("ews_subscribe_crashed")
                 asyncio.get_running_loop().call_later(watch.retry_delay, self._enqueue, watch)
+            finally:
+                self._subscribe_queue.task_done()
 
     async def _endpoint(self, mailbox: str) -> tuple[str, str | None]:
         if self.settings.url is not None:
@@ -696,6 +698,8 @@ class EwsSource:
             self._fresh.discard(watch.mailbox)
             if watch.removed or watch.subscription_id is None:
                 continue  # unwatched, or being resubscribed: it is queued again once subscribed
+            # Subscribes first: a subscribed mailbox already gets its new mail; a backfill can wait.
+            await self._subscribe_queue.join()
             try:
                 await self.catch_up(watch)
             except EwsCallError as exc:
