@@ -112,10 +112,14 @@ def summarize(name: str, created: dict[str, float], seen: dict[str, float], cpu:
 
 
 def exchangelib_round(ews_url: str, groups: list[Group], load: Load, rate: float, seconds: float) -> dict[str, Any]:
-    from exchangelib import BASIC, IMPERSONATION, Account, Configuration, Credentials, Version
+    from exchangelib import BASIC, IMPERSONATION, Account, Configuration, Credentials, Version, close_connections
     from exchangelib.services import GetStreamingEvents
     from exchangelib.version import EXCHANGE_2016
 
+    # exchangelib caches one Protocol (and its session pool) per endpoint and credentials: without this, the
+    # streams would share the 32-session pool the subscribing client left behind, and the streams beyond 32 would
+    # wait for a session until another stream's connection timed out.
+    close_connections()
     config = Configuration(service_endpoint=ews_url, credentials=Credentials(USER, PASSWORD), auth_type=BASIC,
                            version=Version(build=EXCHANGE_2016), max_connections=len(groups) + 4)
     seen: dict[str, float] = {}
