@@ -22,10 +22,10 @@ import contextlib
 import random
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import structlog
@@ -33,6 +33,7 @@ import structlog
 from bemsmail.config import EwsConfig
 from bemsmail.core.model import Backend, EventKind, FolderState, ItemDetails, MailboxEvent
 from bemsmail.core.ports import Clock
+from bemsmail.sources.common import EventPump, EventSink, StateStore, StateWriter
 from bemsmail.sources.ews.exchange import INBOX, EwsCallError, ExchangeClient, FolderRef
 from bemsmail.sources.ews.httpauth import (
     BasicAuth,
@@ -70,16 +71,7 @@ LOAD_BATCH = 1000
 PUSH_CLAIM_SECONDS = 10.0
 
 
-class EwsStore(Protocol):
-    async def folder_states(self, backend: Backend, mailboxes: Sequence[str]) -> dict[tuple[str, str], FolderState]:
-        ...
 
-    async def save_folder_states(self, backend: Backend, states: Sequence[FolderState]) -> None: ...
-
-    async def delete_folder_states(self, backend: Backend, mailbox: str) -> None: ...
-
-
-EventSink = Callable[[MailboxEvent], Awaitable[None]]
 
 
 def event_types(folders: frozenset[str]) -> tuple[str, ...]:
@@ -139,12 +131,11 @@ class _Group:
 class EwsSource:
     """MailSource and MailDetails for the mailboxes of one EWS tenant."""
 
-    def __init__(self, settings: EwsConfig, store: EwsStore, clock: Clock, sink: EventSink, *,
+    def __init__(self, settings: EwsConfig, store: StateStore, clock: Clock, sink: EventSink, *,
                  client: ExchangeClient | None = None) -> None:
         self.settings = settings
         self._store = store
         self._clock = clock
-        self._sink = sink
         self.client = client or ExchangeClient(settings)
         self._watches: dict[str, _Watch] = {}
         self._by_subscription: dict[str, _Watch] = {}
@@ -157,8 +148,8 @@ class EwsSource:
         self._load_wanted = asyncio.Event()
         #: subscribed since their last catch-up: caught up once their group's stream is open
         self._fresh: set[str] = set()
-        self._events: asyncio.Queue[MailboxEvent] = asyncio.Queue(EVENT_QUEUE)
-        self._dirty: dict[tuple[str, str], FolderState] = {}
+        self._events = EventPump(sink, size=EVENT_QUEUE, workers=EVENT_WORKERS, name="ews")
+        self._states = StateWriter(store, Backend.EWS, FLUSH_SECONDS)
         self._unread: dict[str, tuple[float, int]] = {}
         self._discovered: dict[str, tuple[str, str | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -180,8 +171,8 @@ class EwsSource:
         self._tasks = [asyncio.create_task(self._subscriber(), name="ews-subscribe") for _ in range(workers)]
         self._tasks += [asyncio.create_task(self._catch_up_worker(), name="ews-catch-up")
                         for _ in range(catch_up_workers)]
-        self._tasks += [asyncio.create_task(self._event_worker(), name="ews-events") for _ in range(EVENT_WORKERS)]
-        self._tasks.append(asyncio.create_task(self._flush_loop(), name="ews-flush"))
+        self._events.start()
+        self._states.start()
         self._tasks.append(asyncio.create_task(self._state_loader(), name="ews-state-loader"))
         if self.settings.mode == "push":
             self._tasks.append(asyncio.create_task(self._push_watchdog(), name="ews-push-watchdog"))
@@ -192,7 +183,8 @@ class EwsSource:
         for task in self._tasks + [g.task for g in groups if g.task is not None]:
             task.cancel()
         await asyncio.gather(*self._tasks, *(g.task for g in groups if g.task is not None), return_exceptions=True)
-        await self._flush()
+        await self._events.stop()
+        await self._states.stop()
         if self._tokens is not None:
             await self._tokens.close()
         await self.client.close()
@@ -234,8 +226,7 @@ class EwsSource:
             return
         watch.removed = True
         self._leave_group(watch, unsubscribe=True)
-        for key in [k for k in self._dirty if k[0] == mailbox]:
-            del self._dirty[key]
+        self._states.forget(mailbox)
         try:
             await self._store.delete_folder_states(Backend.EWS, mailbox)
         except Exception:
@@ -580,7 +571,7 @@ class EwsSource:
         inbox = watch.states.get(INBOX_NAME) or FolderState(watch.mailbox, INBOX_NAME)
         updated = replace(inbox, remote_id=watch.subscription_id, watermark=watch.watermark or inbox.watermark)
         watch.states[INBOX_NAME] = updated
-        self._dirty[(watch.mailbox, INBOX_NAME)] = updated
+        self._states.changed(updated)
 
     async def handle_push(self, body: bytes) -> bytes:
         """Answer one SendNotification post (already checked to carry our token): OK to keep the subscription,
@@ -644,45 +635,19 @@ class EwsSource:
     # --- handing events on ----------------------------------------------------------------------------------
 
     def _emit(self, event: MailboxEvent) -> None:
-        try:
-            self._events.put_nowait(event)
-        except asyncio.QueueFull:
+        if not self._events.offer(event):
             # The relay is behind: the stream keeps reading, and the folder's next catch-up finds the mail.
             self.stats.events_dropped += 1
             watch = self._watches.get(event.mailbox)
             if watch is not None:
                 self._queue_catch_up(watch)
 
-    async def _event_worker(self) -> None:
-        while True:
-            event = await self._events.get()
-            try:
-                await self._sink(event)
-            except Exception:
-                log.exception("ews_event_failed")
-
     def _seen(self, watch: _Watch, folder: str, item_id: str, received: datetime) -> None:
         state = watch.states.get(folder) or FolderState(watch.mailbox, folder)
         updated = state.after(item_id, received)
         if updated is not state:
             watch.states[folder] = updated
-            self._dirty[(watch.mailbox, folder)] = updated
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            await self._flush()
-
-    async def _flush(self) -> None:
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, {}
-        try:
-            await self._store.save_folder_states(Backend.EWS, list(dirty.values()))
-        except Exception:
-            log.exception("ews_state_save_failed")
-            for key, state in dirty.items():
-                self._dirty.setdefault(key, state)
+            self._states.changed(updated)
 
     # --- catch-up -------------------------------------------------------------------------------------------
 
@@ -736,7 +701,7 @@ class EwsSource:
             current = watch.states.get(name) or state
             updated = replace(current, sync_state=sync_state)
             watch.states[name] = updated
-            self._dirty[(watch.mailbox, name)] = updated
+            self._states.changed(updated)
         self.stats.catch_ups += 1
         self.stats.caught_up_items += handed
         return handed
