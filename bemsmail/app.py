@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from bemsmail import __version__
+from bemsmail.api import graph_webhook
 from bemsmail.api.app import IN_FLIGHT, create_api
 from bemsmail.api.auth import Authenticator
 from bemsmail.cluster.memory import InProcessBus, OwnsEverything
@@ -26,6 +27,7 @@ from bemsmail.core.watching import Watcher
 from bemsmail.metrics import Metrics, PushMetrics, RelayMetrics
 from bemsmail.push.dispatcher import Dispatcher, RetryPolicy
 from bemsmail.sources.ews.source import EwsSource
+from bemsmail.sources.graph.source import GraphSource
 from bemsmail.store.engine import create_engine, safe_url
 from bemsmail.store.schema import migrate, schema_problem, schema_status
 from bemsmail.store.sql import SqlStore
@@ -111,10 +113,20 @@ class TenantDetails:
         return None if source is None else await source.unread_count(mailbox)
 
 
+MailSourceImpl = EwsSource | GraphSource
+
+
 def build_sources(config: Config, store: SqlStore, clock: SystemClock,
-                  sink: Callable[[MailboxEvent], Awaitable[None]]) -> dict[str, EwsSource]:
-    """One mail source per tenant whose backend this build can watch."""
-    return {t.name: EwsSource(t.ews, store, clock, sink) for t in config.tenants if t.backend == "ews" and t.ews}
+                  sink: Callable[[MailboxEvent], Awaitable[None]]) -> dict[str, MailSourceImpl]:
+    """One mail source per tenant, for its backend."""
+    sources: dict[str, MailSourceImpl] = {}
+    for t in config.tenants:
+        if t.backend == "ews" and t.ews:
+            sources[t.name] = EwsSource(t.ews, store, clock, sink)
+        elif t.backend == "graph" and t.graph:
+            sources[t.name] = GraphSource(t.graph, store, clock, sink, name=t.name,
+                                          queue_limit=config.webhook.queue_limit)
+    return sources
 
 
 class Node:
@@ -137,7 +149,8 @@ class Node:
         self.sources = build_sources(config, self.store, self.clock, self._on_event)
         self.relay = Relay(self.store, self.dispatcher, self.bus, self.clock, relay_policy(config, tenants),
                            RelayMetrics(self.metrics), details=TenantDetails(tenants, self.sources))
-        self.metrics.watch_sources(self.sources)
+        self.metrics.watch_sources({n: s for n, s in self.sources.items() if isinstance(s, EwsSource)})
+        self.metrics.watch_graph({n: s for n, s in self.sources.items() if isinstance(s, GraphSource)})
         self.watcher = Watcher(self.store, self.bus, self.clock, self.ownership, tenants, self.sources)
         self._watching = False
         self._pushing = False
@@ -153,13 +166,23 @@ class Node:
             yield lane.provider, lane.app_id, lane.sender.credential_expiry()
 
     async def start(self) -> None:
+        """Pushing first, then the sources (each loads what it knows), then the HTTP server (Graph validates
+        /notificationClient while subscriptions are made), then watching every mailbox."""
         await self._check_schema()
         await self.authenticator.start()
         await self.start_pushing()
-        await self.start_watching()
+        for source in self.sources.values():
+            await source.start()
+        self._watching = True
+        hook = self.config.webhook
+        webhook = graph_webhook.WebhookSettings(
+            [s for s in self.sources.values() if isinstance(s, GraphSource)], hook.max_body_bytes,
+            hook.allowed_networks, hook.trusted_proxies)
         api = create_api(self.service, self.store, self.authenticator, self.metrics,
                          self.config.server.max_body_bytes,
-                         push_receivers=[s for s in self.sources.values() if s.settings.mode == "push"])
+                         push_receivers=[s for s in self.sources.values()
+                                         if isinstance(s, EwsSource) and s.settings.mode == "push"],
+                         webhook=webhook)
         self._runner = web.AppRunner(
             api, access_log=None, shutdown_timeout=self.config.server.shutdown_grace_seconds,
             handle_signals=False,
@@ -174,6 +197,7 @@ class Node:
         log.info("node_started", version=__version__, host=server.host, port=self.port,
                  tls=server.tls is not None, database=safe_url(self.config.database),
                  node_id=self.config.cluster.node_id)
+        await self.watcher.start()
 
     async def _check_schema(self) -> None:
         try:
@@ -201,13 +225,6 @@ class Node:
         self.dispatcher.start()
         self.relay.start()
         self._pushing = True
-
-    async def start_watching(self) -> None:
-        """Mail sources, then every mailbox that has registrations."""
-        for source in self.sources.values():
-            await source.start()
-        self._watching = True
-        await self.watcher.start()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace), flush the relay, let queued pushes go

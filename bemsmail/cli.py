@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bemsmail import __version__
-from bemsmail.config import Config, ConfigError, EwsConfig, load_config
+from bemsmail.config import Config, ConfigError, EwsConfig, GraphConfig, load_config
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -126,6 +126,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for tenant in config.tenants:
             if tenant.ews is not None:
                 failed |= not await _check_ews(tenant.name, tenant.ews, tenant.domains[0], args.mailbox)
+            if tenant.graph is not None:
+                failed |= not await _check_graph(tenant.name, tenant.graph, tenant.domains[0], args.mailbox)
         return EXIT_STARTUP if failed else 0
 
     return asyncio.run(main())
@@ -151,6 +153,29 @@ async def _check_ews(name: str, settings: EwsConfig, domain: str, mailbox: str |
         return True
     except EwsCallError as exc:
         print(f"tenant {name}: EWS call for {probe} failed: {exc.code}", file=sys.stderr)
+        return False
+    finally:
+        await client.close()
+
+
+async def _check_graph(name: str, settings: GraphConfig, domain: str, mailbox: str | None) -> bool:
+    """A token, the first page of our subscriptions, and the Inbox of a probe mailbox."""
+    from bemsmail.sources.graph.client import GraphCallError, GraphClient
+
+    probe = mailbox or settings.probe_mailbox or f"postmaster@{domain}"
+    client = GraphClient(settings)
+    try:
+        ours = 0
+        async for sub in client.subscriptions():
+            ours += sub.notification_url == settings.webhook_url
+        print(f"tenant {name}: Graph reachable at {settings.graph_url}; {ours} subscriptions to "
+              f"{settings.webhook_url}")
+        unread = await client.unread_count(probe)
+        print(f"tenant {name}: {probe} has {unread} unread in the Inbox")
+        return True
+    except GraphCallError as exc:
+        hint = " (check Mail.Read application permission and admin consent)" if exc.status == 403 else ""
+        print(f"tenant {name}: Graph call failed: {exc.status} {exc.code}{hint}", file=sys.stderr)
         return False
     finally:
         await client.close()
@@ -184,7 +209,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-MOCKS = {"apns": "bemsmail.mocks.apns", "ews": "bemsmail.mocks.ews", "fcm": "bemsmail.mocks.fcm"}
+MOCKS = {"apns": "bemsmail.mocks.apns", "ews": "bemsmail.mocks.ews", "fcm": "bemsmail.mocks.fcm",
+         "graph": "bemsmail.mocks.graph"}
 
 
 def cmd_mock(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping
-from ipaddress import ip_address
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     StringConstraints,
     ValidationError,
@@ -225,9 +226,32 @@ class GraphConfig(Section):
     client_secret: SecretStr | None = None
     certificate_file: ReadableFile | None = None
     notification_url: AnyHttpUrl = Field(description="public base URL; /notificationClient is appended")
+    certificate_password: SecretStr | None = None
     authority: AnyHttpUrl = AnyHttpUrl("https://login.microsoftonline.com")
     graph_url: AnyHttpUrl = AnyHttpUrl("https://graph.microsoft.com/v1.0")
     ca_file: ReadableFile | None = None
+    #: requested lifetime; Graph's documented maximum is 10,080 minutes but the service refuses more than 10,070
+    subscription_minutes: int = Field(10_070, ge=45, le=10_070)
+    #: a subscription is renewed this long before it expires, at a point spread over `renew_spread_minutes`
+    renew_before_minutes: int = Field(1440, ge=10)
+    renew_spread_minutes: int = Field(1440, ge=0)
+    #: /subscriptions writes (create, renew, delete, reauthorize) per sliding 20 s; Graph allows 1,000 per app
+    #: per tenant (and 2,000 per tenant for all apps together)
+    writes_per_20s: int = Field(900, ge=1, le=2000)
+    concurrency: int = Field(16, ge=1, le=256, description="Graph requests in flight at once")
+    catch_up_max_age_minutes: float = Field(240.0, ge=0, description="older mail is not pushed by a catch-up")
+    #: a delta round per mailbox at least this often, also without a gap: a safety net for notifications lost silently
+    delta_refresh_minutes: float = Field(60.0, ge=1)
+    unread_cache_seconds: float = Field(5.0, ge=0, le=300)
+    probe_mailbox: str | None = Field(None, description="mailbox `check-config --connect` tests Graph with")
+
+    @property
+    def webhook_url(self) -> str:
+        return str(self.notification_url).rstrip("/") + "/notificationClient"
+
+    @property
+    def lifecycle_url(self) -> str:
+        return self.webhook_url + "/lifecycle"
 
     @model_validator(mode="after")
     def _credentials(self) -> GraphConfig:
@@ -236,6 +260,8 @@ class GraphConfig(Section):
         url = self.notification_url
         if url.scheme != "https" and not _is_loopback(url.host):
             raise ValueError("notification_url must be https (Graph refuses plain http)")
+        if self.renew_before_minutes + self.renew_spread_minutes >= self.subscription_minutes:
+            raise ValueError("renew_before_minutes + renew_spread_minutes must be less than subscription_minutes")
         return self
 
 
@@ -356,8 +382,22 @@ class ClusterConfig(Section):
         return self
 
 
+class WebhookConfig(Section):
+    """/notificationClient, where Microsoft Graph posts change and lifecycle notifications."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: when non-empty, posts from other addresses are refused (e.g. Microsoft 365's published ranges; they change
+    #: without notice, so keep the list current)
+    allowed_networks: list[IPvAnyNetwork] = []
+    #: reverse proxies whose X-Forwarded-For is believed: the client is the last address not in this list
+    trusted_proxies: list[IPvAnyNetwork] = [IPv4Network("127.0.0.1/32"), IPv6Network("::1/128")]
+    #: notifications accepted but not yet handed on; beyond it Graph is answered 503 and redelivers
+    queue_limit: int = Field(100_000, ge=100)
+
+
 class Config(Section):
     server: ServerConfig = ServerConfig()
+    webhook: WebhookConfig = WebhookConfig()
     database: DatabaseConfig = DatabaseConfig()
     logging: LoggingConfig = LoggingConfig()
     api: ApiConfig

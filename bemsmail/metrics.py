@@ -19,6 +19,7 @@ from bemsmail.push.dispatcher import Dispatcher, Lane, LaneObserver
 
 if TYPE_CHECKING:
     from bemsmail.sources.ews.source import EwsSource
+    from bemsmail.sources.graph.source import GraphSource
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,62 @@ class Metrics:
 
     def watch_sources(self, sources: Mapping[str, EwsSource]) -> None:
         self.registry.register(_SourceCollector(sources))
+
+    def watch_graph(self, sources: Mapping[str, GraphSource]) -> None:
+        self.registry.register(_GraphCollector(sources))
+
+
+class _GraphCollector(Collector):
+    """Graph sources, read at scrape time: subscriptions, the write budget, notifications, lifecycle, catch-ups."""
+
+    def __init__(self, sources: Mapping[str, GraphSource]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        tenant = ["tenant"]
+        gauges = {
+            name: GaugeMetricFamily(f"bemsmail_graph_{name}", text, labels=tenant)
+            for name, text in (
+                ("subscriptions", "Watched mailboxes with a live Graph subscription."),
+                ("pending_writes", "Subscription writes (create, renew, delete) waiting for the write budget."),
+                ("budget_used", "Subscription writes spent in the current 20-second window."),
+                ("events_pending", "Notifications accepted and not yet handed to the relay."),
+            )
+        }
+        counters = {
+            name: CounterMetricFamily(f"bemsmail_graph_{name}", text, labels=tenant)
+            for name, text in (
+                ("creates", "Subscriptions created."),
+                ("create_failures", "Subscription creates that failed (retried with back-off)."),
+                ("renewals", "Subscriptions renewed."),
+                ("renew_failures", "Renewals that failed or found the subscription gone."),
+                ("deletes", "Subscriptions deleted (unwatched mailboxes and orphans)."),
+                ("throttled", "Subscription writes answered 429."),
+                ("refused_mailboxes", "Creates refused with 403/404 (mailbox or permission)."),
+                ("notifications", "Change notifications accepted."),
+                ("forged", "Notifications with a wrong clientState (dropped)."),
+                ("unknown", "Notifications for subscriptions that are not ours (ignored)."),
+                ("malformed", "Notification items that could not be read."),
+                ("duplicates", "Notifications for items already handed on (redeliveries)."),
+                ("catch_ups", "Delta rounds completed."),
+                ("catch_up_failures", "Delta rounds that failed (retried)."),
+                ("caught_up_items", "Mail found by delta rounds and handed on (missed by notifications)."),
+                ("orphans_deleted", "Subscriptions Graph had that no watched mailbox owned."),
+            )
+        }
+        lifecycle = CounterMetricFamily("bemsmail_graph_lifecycle", "Lifecycle notifications, by event.",
+                                        labels=["tenant", "event"])
+        for name, source in self._sources.items():
+            gauges["subscriptions"].add_metric([name], source.subscribed())
+            gauges["pending_writes"].add_metric([name], source.pending_writes())
+            gauges["budget_used"].add_metric([name], source.budget.used())
+            gauges["events_pending"].add_metric([name], source.events_pending())
+            for counter_name, family in counters.items():
+                family.add_metric([name], getattr(source.stats, counter_name))
+            for event, count in source.stats.lifecycle.items():
+                if event in ("reauthorizationRequired", "subscriptionRemoved", "missed"):
+                    lifecycle.add_metric([name, event], count)
+        return [*gauges.values(), *counters.values(), lifecycle]
 
 
 class _SourceCollector(Collector):

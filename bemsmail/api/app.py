@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 from aiohttp import web
 
-from bemsmail.api import ews_push, health, openapi, registrations
+from bemsmail.api import ews_push, graph_webhook, health, openapi, registrations
 from bemsmail.api.auth import Authenticator, AuthError, AuthUnavailable
 from bemsmail.api.context import AUTH, MAX_BODY, METRICS, PRINCIPAL, REQUEST_ID, SERVICE, STORE
 from bemsmail.api.problems import Problem, from_http_exception
@@ -53,7 +53,8 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 log = structlog.get_logger("bemsmail.api")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", openapi.PATH, ews_push.PATH})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", openapi.PATH, ews_push.PATH, graph_webhook.PATH,
+                          graph_webhook.LIFECYCLE_PATH})
 
 
 def _route_label(request: web.Request) -> str:
@@ -126,6 +127,7 @@ def create_api(
     metrics: Metrics,
     max_body_bytes: int,
     push_receivers: Sequence[ews_push.PushReceiver] = (),
+    webhook: graph_webhook.WebhookSettings | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[observe, authenticate], client_max_size=max_body_bytes)
     app[SERVICE] = service
@@ -138,4 +140,5 @@ def create_api(
     health.add_routes(app)
     openapi.add_routes(app)
     ews_push.add_routes(app, push_receivers)
+    graph_webhook.add_routes(app, webhook or graph_webhook.WebhookSettings((), max_body_bytes))
     return app

@@ -35,6 +35,30 @@ _ERRORS = {
 }
 
 
+def _graph_webhook(operation_id: str, what: str) -> dict[str, Any]:
+    problems = ((400, "Not JSON, or no 'value' array"), (403, "Source address not in webhook.allowed_networks"),
+                (413, "Body over webhook.max_body_bytes"), (415, "Body is not application/json"),
+                (503, "Too many notifications queued: Graph redelivers"))
+    return {"post": {
+        "operationId": operation_id,
+        "summary": f"Microsoft Graph posts {what} here; also answers the validation handshake",
+        "security": [],
+        "parameters": [{"name": "validationToken", "in": "query", "required": False,
+                        "description": "Graph's validation handshake: echoed back as text/plain",
+                        "schema": {"type": "string"}}],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["value"],
+            "properties": {"value": {"type": "array", "items": {"type": "object"}}}}}}},
+        "responses": {
+            "200": {"description": "The validation token, decoded", "content": {"text/plain": {
+                "schema": {"type": "string"}}}},
+            "202": {"description": "Accepted; pushes follow after the answer"},
+            **{str(s): {"description": d, "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref(ProblemDetail)}}}
+               for s, d in problems},
+        },
+    }}
+
+
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": REF.format(model=model.__name__)}
 
@@ -161,6 +185,9 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/notificationClient": _graph_webhook("graphNotifications", "change notifications"),
+            "/notificationClient/lifecycle": _graph_webhook("graphLifecycleNotifications",
+                                                            "lifecycle notifications"),
             "/metrics": {
                 "get": {
                     "operationId": "metrics",

@@ -194,8 +194,12 @@ class FolderState:
     seen_through: datetime | None = None
     remote_id: str | None = None
     watermark: str | None = None
-    #: the items handed on that were received at exactly `seen_through` (times may have whole seconds only)
+    #: the items handed on that were received at exactly `seen_through` (times may have whole seconds only);
+    #: Graph: the latest items handed on (its notifications carry no receive time)
     seen_ids: tuple[str, ...] = ()
+    #: Graph: a digest of the subscription's clientState (the secret itself is never stored) and its expiry
+    client_state: str | None = None
+    expires_at: datetime | None = None
 
     def handed_on(self, item_id: str, received: datetime) -> bool:
         """Whether catch-up would repeat an item already handed on."""

@@ -42,7 +42,19 @@ _RETRYABLE_MYSQL = {1213, 1205, 1062}
 _MAX_ATTEMPTS = 5
 _KNOWN_MAILBOXES = 100_000
 
-_FOLDER_STATE_FIELDS = ("sync_state", "seen_through", "seen_ids", "remote_id", "watermark", "updated_at")
+_FOLDER_STATE_FIELDS = ("sync_state", "seen_through", "seen_ids", "remote_id", "watermark", "client_state",
+                        "expires_at", "updated_at")
+_STATE_COLUMNS = sa.select(
+    subscriptions.c.mailbox, subscriptions.c.folder, subscriptions.c.sync_state, subscriptions.c.seen_through,
+    subscriptions.c.remote_id, subscriptions.c.watermark, subscriptions.c.seen_ids, subscriptions.c.client_state,
+    subscriptions.c.expires_at)
+
+
+def _folder_state(row: Any) -> FolderState:
+    return FolderState(row.mailbox, row.folder, row.sync_state, row.seen_through, row.remote_id, row.watermark,
+                       tuple(row.seen_ids.split("\n")) if row.seen_ids else (), row.client_state, row.expires_at)
+
+
 MUTABLE_FIELDS = frozenset({"token", "app_id", "environment", "locale", "timezone", "settings"})
 
 
@@ -403,21 +415,21 @@ class SqlStore:
 
     async def folder_states(self, backend: Backend, mailboxes_: Sequence[str]) -> dict[tuple[str, str], FolderState]:
         """The stored state of every folder of these mailboxes, keyed by (mailbox, folder)."""
-        c = subscriptions.c
         found: dict[tuple[str, str], FolderState] = {}
         async with self._engine.connect() as conn:
             for start in range(0, len(mailboxes_), 1000):
                 chunk = list(mailboxes_[start : start + 1000])
-                rows = (await conn.execute(
-                    sa.select(c.mailbox, c.folder, c.sync_state, c.seen_through, c.remote_id, c.watermark,
-                              c.seen_ids)
-                    .where(c.backend == backend.value, c.mailbox.in_(chunk))
-                )).all()
+                rows = (await conn.execute(_STATE_COLUMNS.where(subscriptions.c.backend == backend.value,
+                                                                subscriptions.c.mailbox.in_(chunk)))).all()
                 for row in rows:
-                    found[(row.mailbox, row.folder)] = FolderState(
-                        row.mailbox, row.folder, row.sync_state, row.seen_through, row.remote_id, row.watermark,
-                        tuple(row.seen_ids.split("\n")) if row.seen_ids else ())
+                    found[(row.mailbox, row.folder)] = _folder_state(row)
         return found
+
+    async def all_folder_states(self, backend: Backend) -> list[FolderState]:
+        """Every stored folder state of one backend (a source's index of its subscriptions at start)."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(_STATE_COLUMNS.where(subscriptions.c.backend == backend.value))).all()
+        return [_folder_state(row) for row in rows]
 
     async def save_folder_states(self, backend: Backend, states: Sequence[FolderState]) -> None:
         """Insert or replace the state of these folders, in one statement per 500."""
@@ -426,7 +438,8 @@ class SqlStore:
             rows = [
                 {"mailbox": st.mailbox, "backend": backend.value, "folder": st.folder, "sync_state": st.sync_state,
                  "seen_through": st.seen_through, "seen_ids": "\n".join(st.seen_ids) or None,
-                 "remote_id": st.remote_id, "watermark": st.watermark,
+                 "remote_id": st.remote_id, "watermark": st.watermark, "client_state": st.client_state,
+                 "expires_at": st.expires_at,
                  "fencing_epoch": 0, "created_at": now, "updated_at": now}
                 for st in sorted(states[start : start + 500], key=lambda st: (st.mailbox, st.folder))
             ]
