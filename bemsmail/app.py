@@ -174,15 +174,7 @@ class Node:
         for source in self.sources.values():
             await source.start()
         self._watching = True
-        hook = self.config.webhook
-        webhook = graph_webhook.WebhookSettings(
-            [s for s in self.sources.values() if isinstance(s, GraphSource)], hook.max_body_bytes,
-            hook.allowed_networks, hook.trusted_proxies)
-        api = create_api(self.service, self.store, self.authenticator, self.metrics,
-                         self.config.server.max_body_bytes,
-                         push_receivers=[s for s in self.sources.values()
-                                         if isinstance(s, EwsSource) and s.settings.mode == "push"],
-                         webhook=webhook)
+        api = self.build_api()
         self._runner = web.AppRunner(
             api, access_log=None, shutdown_timeout=self.config.server.shutdown_grace_seconds,
             handle_signals=False,
@@ -198,6 +190,18 @@ class Node:
                  tls=server.tls is not None, database=safe_url(self.config.database),
                  node_id=self.config.cluster.node_id)
         await self.watcher.start()
+
+    def build_api(self) -> web.Application:
+        """The HTTP application: registration API, health, metrics, EWS push callback and Graph webhook."""
+        hook = self.config.webhook
+        webhook = graph_webhook.WebhookSettings(
+            [s for s in self.sources.values() if isinstance(s, GraphSource)], hook.max_body_bytes,
+            hook.allowed_networks, hook.trusted_proxies)
+        return create_api(self.service, self.store, self.authenticator, self.metrics,
+                          self.config.server.max_body_bytes,
+                          push_receivers=[s for s in self.sources.values()
+                                          if isinstance(s, EwsSource) and s.settings.mode == "push"],
+                          webhook=webhook)
 
     async def _check_schema(self) -> None:
         try:

@@ -47,14 +47,13 @@ class Api:
 @contextlib.asynccontextmanager
 async def running_api(config: Config, key: str, migrate: bool = True) -> AsyncIterator[Api]:
     """The real composition root's API served on a loopback socket, without the listener of `Node.start`."""
-    from bemsmail.api.app import create_api
     from bemsmail.store.schema import migrate as run_migrations
 
     node = Node(config)
     if migrate:
         await run_migrations(node.store.engine)
     await node.authenticator.start()
-    app = create_api(node.service, node.store, node.authenticator, node.metrics, config.server.max_body_bytes)
+    app = node.build_api()
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
