@@ -4,8 +4,7 @@ streaming body's successive envelopes."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -155,21 +154,6 @@ def has_notifications(doc: Any) -> bool:
 
 def is_heartbeat(doc: Any) -> bool:
     return codes(doc) == ["NoError"] and connection_status(doc) == ["OK"] and not has_notifications(doc)
-
-
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], within: float = 10.0,
-                   what: str = "condition") -> None:
-    """Poll until `condition` holds (bounded), instead of sleeping on a timing margin."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def addresses_on_distinct_backends(mock: MockExchange, domain: str = "example.com") -> tuple[str, str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,21 @@ IOS_TOKEN = "ab" * 32
 ANDROID_TOKEN = "fcm-token-" + "x" * 40 + ":APA91b" + "y" * 60
 
 
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str = "the condition",
+                within: float = 20.0) -> None:
+    """Poll a condition the mocks, the store or the node reach on their own (they have no event for each);
+    `within` bounds the wait and is never a timing assertion."""
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                result = condition()
+                if not isinstance(result, bool):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"waited {within:g} s for {what}") from None
 
 
 def dev_config(tmp_path: Path, db_url: str | None = None, env: Mapping[str, str] | None = None) -> tuple[Config, str]:

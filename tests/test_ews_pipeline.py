@@ -19,18 +19,9 @@ from bemsmail.devconfig import MOCK_EWS_URL, write_dev_config
 from bemsmail.mocks.apns import MockApns, load_provider_key
 from bemsmail.mocks.ews import MockExchange
 from bemsmail.mocks.tls import ensure_test_pki
-from tests.support import IOS_APP, IOS_TOKEN, free_port
+from tests.support import IOS_APP, IOS_TOKEN, free_port, until
 
 ALICE = "alice@example.com"
-
-
-async def until(condition: Callable[[], bool], what: str, within: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(within):
-            while not condition():  # noqa: ASYNC110 - the mocks have no event for every condition tested here
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"waited {within} s for {what}") from None
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ stream error, reconnects, catch-up after downtime with no loss and no duplicate,
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,17 +19,9 @@ from bemsmail.sources.ews.source import EwsSource
 from bemsmail.store.engine import create_engine
 from bemsmail.store.schema import migrate
 from bemsmail.store.sql import SqlStore
+from tests.support import until as eventually
 
 INBOX = frozenset({"Inbox"})
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    """Poll until `condition` holds; fail with `what` after `timeout` seconds (a bound, not a timing margin)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"no {what} within {within} s")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

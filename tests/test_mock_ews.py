@@ -49,8 +49,8 @@ from tests.ews_support import (
     is_heartbeat,
     streaming_body,
     subscribe_body,
-    wait_for,
 )
+from tests.support import until as wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

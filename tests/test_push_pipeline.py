@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ from bemsmail.mocks.apns import Answer, MockApns, load_provider_key
 from bemsmail.mocks.fcm import FcmMock, fcm_error, hang
 from bemsmail.mocks.tls import ensure_test_pki
 from bemsmail.store.schema import migrate
-from tests.support import ANDROID_APP, ANDROID_TOKEN, IOS_APP, IOS_TOKEN, free_port
+from tests.support import ANDROID_APP, ANDROID_TOKEN, IOS_APP, IOS_TOKEN, free_port, until
 
 ALICE = "alice@example.com"
 
@@ -40,16 +40,6 @@ class Pipeline:
     async def new_mail(self, n: int = 1, mailbox: str = ALICE) -> None:
         await self.node.relay.on_event(MailboxEvent(mailbox, "Inbox", f"item-{n}", EventKind.NEW_MAIL,
                                                     datetime.now(UTC), unread_count=n))
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll a condition the mocks or the store reach on their own; bounded, never a timing assertion."""
-    try:
-        async with asyncio.timeout(20):
-            while not condition():  # noqa: ASYNC110 - the mocks have no event for every condition tested here
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"waited 20 s for {what}") from None
 
 
 @pytest.fixture
