@@ -64,6 +64,9 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+NOTIFICATION_ROUTES = frozenset({graph_webhook.PATH, graph_webhook.LIFECYCLE_PATH, ews_push.PATH})
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, one canonical log line, metrics, and problem documents for every error."""
@@ -93,8 +96,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics = request.app[METRICS]
         metrics.http_requests.labels(route, request.method, str(response.status)).inc()
         metrics.http_latency.labels(route, request.method).observe(elapsed)
-        log.info("request", method=request.method, route=route, status=response.status,
-                 duration_ms=round(elapsed * 1000, 2))
+        # Graph and Exchange post notifications thousands of times a second: their successes are debug lines
+        emit = log.debug if route in NOTIFICATION_ROUTES and response.status < 400 else log.info
+        emit("request", method=request.method, route=route, status=response.status,
+             duration_ms=round(elapsed * 1000, 2))
         return response
     finally:
         in_flight.leave()

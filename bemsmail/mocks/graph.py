@@ -550,6 +550,25 @@ class MockGraph:
         """Every delta link of this mailbox answers 410 SyncStateNotFound from now on."""
         self.user(mailbox, create=False).epoch += 1
 
+    def delta_link(self, mailbox: str) -> str:
+        """A delta link as a finished round would give now (for seeding a store without running rounds)."""
+        user = self.user(mailbox, create=True)
+        state = {"u": user.id, "e": user.epoch, "lo": user.seq, "hw": user.seq, "after": user.seq, "sel": None,
+                 "ct": "created", "since": None, "op": "ge"}
+        return f"{self.graph_url}/users/{user.id}/mailFolders('{user.inbox_id}')/messages/delta()" \
+            f"?$deltatoken={_b64(state)}"
+
+    def add_subscription(self, client_id: str, mailbox: str, notification_url: str, client_state: str,
+                         expires_at: datetime, lifecycle_url: str | None = None) -> Subscription:
+        """A subscription as if made long ago: no handshake, no write counted (for seeding large tests)."""
+        user = self.user(mailbox, create=True)
+        sub = Subscription(str(uuid.uuid4()), self.apps[client_id], user.id,
+                           f"users/{user.upn}/mailFolders('inbox')/messages", frozenset({"created"}),
+                           notification_url, lifecycle_url, client_state, expires_at, _now(), "v1_2")
+        self.subscriptions[sub.id] = sub
+        user.subscriptions.add(sub.id)
+        return sub
+
     # --- notifications ---------------------------------------------------------------------------------------
 
     def drop_notifications(self, mailbox: str, count: int) -> None:

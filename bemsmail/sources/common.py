@@ -14,6 +14,7 @@ from bemsmail.core.model import Backend, FolderState, MailboxEvent
 log = structlog.get_logger(__name__)
 
 EventSink = Callable[[MailboxEvent], Awaitable[None]]
+DRAIN_SECONDS = 10.0
 
 
 class StateStore(Protocol):
@@ -39,7 +40,14 @@ class EventPump:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"{self._name}-events") for _ in range(self._workers)]
 
-    async def stop(self) -> None:
+    async def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Hand on what is queued first (within `drain_seconds`): the source has already recorded these items
+        as seen, so an event dropped here would never come back."""
+        if self._tasks:
+            try:
+                await asyncio.wait_for(self._queue.join(), drain_seconds)
+            except TimeoutError:
+                log.warning("source_events_not_drained", source=self._name, left=self._queue.qsize())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -68,6 +76,8 @@ class EventPump:
                 await self._sink(event)
             except Exception:
                 log.exception("source_event_failed", source=self._name)
+            finally:
+                self._queue.task_done()
 
 
 class StateWriter:

@@ -164,6 +164,7 @@ class GraphSource:
         self._creating = 0
         self._parked: deque[tuple[float, dict[str, Any]]] = deque()
         self._unread: dict[str, tuple[float, int | None]] = {}
+        self._unread_pending: dict[str, asyncio.Future[int | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.reconciled = asyncio.Event()
 
@@ -659,13 +660,24 @@ class GraphSource:
         return {i: d for i, d in zip(item_ids, found, strict=True) if isinstance(d, ItemDetails)}
 
     async def unread_count(self, mailbox: str) -> int | None:
+        """The Inbox's unread count for badges: cached briefly, and one request per mailbox however many pushes
+        wait for it (a burst of mail to one mailbox must not become a burst of Graph calls: Outlook allows four
+        concurrent requests per mailbox)."""
         cached = self._unread.get(mailbox)
         if cached is not None and self._clock.monotonic() - cached[0] <= self.settings.unread_cache_seconds:
             return cached[1]
+        pending = self._unread_pending.get(mailbox)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_unread(mailbox))
+            self._unread_pending[mailbox] = pending
+            pending.add_done_callback(lambda _: self._unread_pending.pop(mailbox, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch_unread(self, mailbox: str) -> int | None:
         count = await self.client.unread_count(mailbox)
-        self._unread[mailbox] = (self._clock.monotonic(), count)
         if len(self._unread) > 200_000:
             self._unread.clear()
+        self._unread[mailbox] = (self._clock.monotonic(), count)
         return count
 
     # --- introspection ---------------------------------------------------------------------------------------
