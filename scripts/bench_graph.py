@@ -136,8 +136,10 @@ writes_per_20s = 2000
 # --- load generator (its own process) ----------------------------------------------------------------------
 
 
-async def _load(url: str, subs: list[dict[str, str]], batch: int, concurrency: int, seconds: float
-                ) -> dict[str, Any]:
+async def _load(url: str, subs: list[dict[str, str]], batch: int, concurrency: int, seconds: float,
+                forged: bool = False, rate: float = 0.0) -> dict[str, Any]:
+    """Closed loop (each connection posts again when answered), or paced at `rate` items/s in total, with the
+    latency counted from each post's scheduled time so that queueing in the server is charged to it."""
     import aiohttp
 
     latencies: list[float] = []
@@ -146,20 +148,34 @@ async def _load(url: str, subs: list[dict[str, str]], batch: int, concurrency: i
     deadline = time.perf_counter() + seconds
     rng = random.Random(1)
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    interval = batch * concurrency / rate if rate else 0.0
+
+    async def worker(session: aiohttp.ClientSession, index: int) -> None:
         nonlocal items
+        sent = 0
+        first = time.perf_counter() + index * interval / concurrency
         while time.perf_counter() < deadline:
+            scheduled = time.perf_counter()
+            if interval:
+                scheduled = first + sent * interval
+                sent += 1
+                if scheduled >= deadline:
+                    break
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             value = []
             for _ in range(batch):
                 sub = subs[rng.randrange(len(subs))]
                 item_id = "AAMkAG" + secrets.token_urlsafe(24)
-                value.append({"subscriptionId": sub["id"], "clientState": sub["clientState"],
+                value.append({"subscriptionId": sub["id"],
+                              "clientState": "forged" if forged else sub["clientState"],
                               "changeType": "created", "tenantId": TENANT_ID,
                               "resource": f"Users/{uuid.uuid4()}/Messages/{item_id}",
                               "subscriptionExpirationDateTime": sub["expirationDateTime"],
                               "resourceData": {"@odata.type": "#Microsoft.Graph.Message", "id": item_id}})
             body = json.dumps({"value": value}).encode()
-            started = time.perf_counter()
+            started = scheduled if interval else time.perf_counter()
             async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as answer:
                 await answer.read()
             latencies.append((time.perf_counter() - started) * 1000)
@@ -170,17 +186,20 @@ async def _load(url: str, subs: list[dict[str, str]], batch: int, concurrency: i
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(session, i) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"batch": batch, "concurrency": concurrency, "posts": len(latencies), "accepted_items": items,
+    return {"batch": batch, "concurrency": concurrency, "offered_per_s": rate or None, "posts": len(latencies),
+            "accepted_items": items,
             "items_per_s": round(items / elapsed), "posts_per_s": round(len(latencies) / elapsed),
             "p50_ms": round(percentile(latencies, 0.5), 2), "p99_ms": round(percentile(latencies, 0.99), 2),
             "max_ms": round(max(latencies), 1), "statuses": {str(k): v for k, v in statuses.items()}}
 
 
-def load_process(url: str, subs_file: Path, batch: int, concurrency: int, seconds: float) -> dict[str, Any]:
+def load_process(url: str, subs_file: Path, batch: int, concurrency: int, seconds: float,
+                 forged: bool = False, rate: float = 0.0) -> dict[str, Any]:
     done = subprocess.run([sys.executable, __file__, "--load", url, "--subs-file", str(subs_file), "--batch",
-                           str(batch), "--concurrency", str(concurrency), "--load-seconds", str(seconds)],
+                           str(batch), "--concurrency", str(concurrency), "--load-seconds", str(seconds),
+                           "--load-rate", str(rate), *(["--forged"] if forged else [])],
                           capture_output=True, text=True, timeout=seconds + 120, cwd=ROOT, check=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -311,21 +330,25 @@ def run_daemon_parts(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                          for s in subs]))
         assert bare.stdout is not None and bare.stdout.readline().strip() == "ready"
         rows = []
-        for target, url in (("bare aiohttp 202", f"http://127.0.0.1:{bare_port}/notificationClient"),
-                            ("bemsmail", f"http://127.0.0.1:{port}/notificationClient")):
-            for size in (1, 20):
-                cpu_before = cpu_seconds(proc.pid)
-                row = load_process(url, subs_file, size, args.concurrency, args.load_seconds)
-                row["target"] = target
-                if target == "bemsmail":
-                    row["daemon_cpu_per_item_us"] = round((cpu_seconds(proc.pid) - cpu_before)
-                                                          / max(1, row["accepted_items"]) * 1e6, 1)
-                    # the pushes the load caused drain before the next run
-                    want = metric("bemsmail_graph_notifications_total")
-                    wait_for(lambda: metric("bemsmail_graph_events_pending") == 0, 600, "the relay to drain")
-                    row["notifications_counted"] = int(want)
-                rows.append(row)
-                print(f"webhook: {row}", flush=True)
+        ours = f"http://127.0.0.1:{port}/notificationClient"
+        bare_url = f"http://127.0.0.1:{bare_port}/notificationClient"
+        runs = [("bare aiohttp 202", bare_url, size, False, 0.0) for size in (1, 20)]
+        runs += [("bemsmail, forged (no push)", ours, 1, True, 0.0)]
+        runs += [("bemsmail paced", ours, size, False, args.offered) for size in (1, 10)]
+        runs += [("bemsmail", ours, size, False, 0.0) for size in (1, 20)]  # saturation last: it leaves a backlog
+        for target, url, size, forged, rate in runs:
+            cpu_before = cpu_seconds(proc.pid)
+            row = load_process(url, subs_file, size, args.concurrency, args.load_seconds, forged, rate)
+            row["target"] = target
+            if url == ours:
+                row["daemon_cpu_per_item_us"] = round((cpu_seconds(proc.pid) - cpu_before)
+                                                      / max(1, row["accepted_items"]) * 1e6, 1)
+                # the pushes the load caused drain before the next run
+                want = metric("bemsmail_graph_notifications_total")
+                wait_for(lambda: metric("bemsmail_graph_events_pending") == 0, 600, "the relay to drain")
+                row["notifications_counted"] = int(want)
+            rows.append(row)
+            print(f"webhook: {row}", flush=True)
         results["webhook"] = rows
     finally:
         for child in (proc, bare, graph_proc):
@@ -455,10 +478,11 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append(("subscribed mailboxes (start → all subscribed)",
                      f"{d['mailboxes']:,} in {d['start']['subscribed_s']} s", ""))
         for w in d["webhook"]:
-            rows.append((f"webhook {w['target']}, {w['batch']}/post, {w['concurrency']} conns: items/s",
-                         f"{w['items_per_s']:,}", "≥ 5,000/s" if w["target"] == "bemsmail" else ""))
+            mode = f"offered {w['offered_per_s']:,.0f}/s" if w.get("offered_per_s") else f"{w['concurrency']} conns"
+            rows.append((f"webhook {w['target']}, {w['batch']}/post, {mode}: items/s",
+                         f"{w['items_per_s']:,}", "≥ 5,000/s" if w["target"].startswith("bemsmail") else ""))
             rows.append(("  answer p50 / p99 / max", f"{w['p50_ms']} / {w['p99_ms']} / {w['max_ms']} ms",
-                         "p99 < 100 ms" if w["target"] == "bemsmail" else ""))
+                         "p99 < 100 ms" if w["target"].startswith("bemsmail") else ""))
         lat = d["latency"]
         rows.append((f"mail → push at {lat['rate']:g}/s: p50 / p99 / max",
                      f"{lat['p50_ms']} / {lat['p99_ms']} / {lat['max_ms']} ms", ""))
@@ -496,10 +520,14 @@ def main() -> int:
     parser.add_argument("--subs-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--forged", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--offered", type=float, default=5000.0, help="items/s of the paced webhook runs")
     args = parser.parse_args()
     if args.load:
         subs = json.loads(args.subs_file.read_text())
-        print(json.dumps(asyncio.run(_load(args.load, subs, args.batch, args.concurrency, args.load_seconds))))
+        print(json.dumps(asyncio.run(_load(args.load, subs, args.batch, args.concurrency, args.load_seconds,
+                                            args.forged, args.load_rate))))
         return 0
     if args.bare:
         asyncio.run(_bare(args.bare))

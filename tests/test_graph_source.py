@@ -289,3 +289,34 @@ async def test_details_and_unread_count_are_fetched_only_when_a_device_wants_the
             assert world.graph.stats.messages_read == 1 and world.graph.stats.folders_read >= 1
         finally:
             await node.stop()
+
+
+async def test_check_config_connect_reaches_the_graph_tenant_and_keeps_the_secret(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    async with graph_world(tmp_path) as world:
+        world.graph.add_mail(ALICE)
+
+        async def check(**env: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bemsmail", "check-config", "--config", str(world.path), "--connect",
+                "--mailbox", ALICE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **env})
+            out, _ = await process.communicate()
+            return process.returncode or 0, out.decode()
+
+        from bemsmail.store.engine import create_engine
+        from bemsmail.store.schema import migrate
+
+        engine = create_engine(world.config().database)
+        await migrate(engine)
+        await engine.dispose()
+        code, out = await check()
+        assert code == 0, out
+        assert f"Graph reachable at {world.graph.graph_url}" in out and f"{ALICE} has 1 unread" in out
+        wrong = tmp_path / "wrong-secret"
+        wrong.write_text("not-the-secret")
+        code, out = await check(BEMSMAIL_TENANTS__0__GRAPH__CLIENT_SECRET_FILE=str(wrong))
+        assert code != 0 and "Graph call failed: 401" in out
+        assert "not-the-secret" not in out and world.secret not in out
