@@ -320,3 +320,11 @@ async def test_check_config_connect_reaches_the_graph_tenant_and_keeps_the_secre
         code, out = await check(BEMSMAIL_TENANTS__0__GRAPH__CLIENT_SECRET_FILE=str(wrong))
         assert code != 0 and "Graph call failed: 401" in out
         assert "not-the-secret" not in out and world.secret not in out
+
+
+def test_graph_date_times_with_seven_digits_and_non_utc_offsets_parse_to_utc() -> None:
+    from bemsmail.sources.graph.client import _parse_time
+
+    assert _parse_time("2026-12-10T05:51:22.2359000Z") == datetime(2026, 12, 10, 5, 51, 22, 235900, tzinfo=UTC)
+    assert _parse_time("2016-03-19T22:11:09.952-08:00") == datetime(2016, 3, 20, 6, 11, 9, 952000, tzinfo=UTC)
+    assert _parse_time("not a time") is None
