@@ -1,8 +1,11 @@
-"""Throwaway real servers (MariaDB, Redis) in a temp dir on a free loopback port, for tests, benchmarks and demos.
+"""Throwaway real servers (MariaDB, Redis, nginx) in a temp dir on a free loopback port, for tests, benchmarks and
+demos.
 
 Each is a context manager that starts the server from the Debian package's binary, waits until it answers, and on
 exit kills it and removes its directory. `ServiceUnavailable` says which package to install when a binary is
-missing, so a caller can skip (or, under BEMSMAIL_REQUIRE_SERVICES=1, fail) with a useful message.
+missing, so a caller can skip (or, under BEMSMAIL_REQUIRE_SERVICES=1, fail) with a useful message. `Nginx` serves
+the production site file deploy/nginx/bemsmail.conf, only its marked site-specific lines replaced, in front of
+daemons on loopback.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 START_TIMEOUT_SECONDS = 60.0
+#: the production nginx site file (in a source checkout; not part of an installed package)
+NGINX_SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "bemsmail.conf"
 
 
 class ServiceUnavailable(Exception):
@@ -220,4 +226,96 @@ class Redis(_Server):
         return self
 
 
-__all__ = ["MariaDB", "Redis", "ServiceUnavailable", "free_port"]
+def render_site(template: str, values: Mapping[str, Sequence[str]]) -> str:
+    """The nginx site file with each group of lines ending in `#@name` replaced by `values[name]` (at the first
+    line's place and indentation). Every marker must have values and every value a marker: a renamed marker
+    fails loudly instead of leaving a production path in a test."""
+    out: list[str] = []
+    done: set[str] = set()
+    found: set[str] = set()
+    for line in template.splitlines():
+        body, sep, name = line.rpartition("#@")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            out.append(line)
+            continue
+        found.add(name)
+        if name not in values:
+            raise ValueError(f"no value for the nginx site's #@{name} lines")
+        if name not in done:
+            done.add(name)
+            indent = body[: len(body) - len(body.lstrip())]
+            out.extend(indent + value for value in values[name])
+    if missing := sorted(set(values) - found):
+        raise ValueError(f"the nginx site has no #@{missing[0]} line")
+    return "\n".join(out) + "\n"
+
+
+class Nginx(_Server):
+    """nginx with the production site (deploy/nginx/bemsmail.conf) on a loopback HTTPS port in front of daemons on
+    `upstream_ports`; `url` is its https:// base URL. Logs, pid and every temp path are in its directory."""
+
+    package = "nginx"
+
+    def __init__(self, upstream_ports: int | Sequence[int], certificate: Path, certificate_key: Path,
+                 site: Path = NGINX_SITE) -> None:
+        self._nginx = _binary(("nginx",), self.package)
+        super().__init__()
+        self.upstream_ports = [upstream_ports] if isinstance(upstream_ports, int) else list(upstream_ports)
+        self.certificate = Path(certificate)
+        self.certificate_key = Path(certificate_key)
+        self.site = Path(site)
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def _prepare(self) -> None:
+        site = render_site(self.site.read_text(encoding="utf-8"), {
+            "listen": [f"listen 127.0.0.1:{self.port} ssl http2;"],
+            "upstream": [f"server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in self.upstream_ports],
+            "certificate": [f'ssl_certificate "{self.certificate}";'],
+            "certificate_key": [f'ssl_certificate_key "{self.certificate_key}";'],
+        })
+        (self.dir / "bemsmail.conf").write_text(site, encoding="utf-8")
+        d = self.dir
+        # as root, workers would run as nobody and could not enter this 0700 directory
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (d / "nginx.conf").write_text(
+            f"""{user}worker_processes 1;
+error_log "{self._log}" info;
+pid "{d / 'nginx.pid'}";
+lock_file "{d / 'nginx.lock'}";
+events {{
+    worker_connections 512;
+}}
+http {{
+    access_log "{d / 'access.log'}";
+    client_body_temp_path "{d / 'client_body'}";
+    proxy_temp_path "{d / 'proxy'}";
+    fastcgi_temp_path "{d / 'fastcgi'}";
+    uwsgi_temp_path "{d / 'uwsgi'}";
+    scgi_temp_path "{d / 'scgi'}";
+    default_type application/octet-stream;
+    include "{d / 'bemsmail.conf'}";
+}}
+""", encoding="utf-8")
+
+    def _command(self) -> list[str]:
+        # -e: the log for what happens before the configuration is read (not the package's /var/log path)
+        return [self._nginx, "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf"), "-e", str(self._log),
+                "-g", "daemon off;"]
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def __enter__(self) -> Nginx:
+        super().__enter__()
+        return self
+
+
+__all__ = ["MariaDB", "Nginx", "Redis", "ServiceUnavailable", "free_port", "render_site"]

@@ -25,6 +25,7 @@ async def test_the_handshake_echoes_the_decoded_token_as_plain_text(tmp_path: Pa
         assert response.status == 200
         assert response.content_type == "text/plain"
         assert await response.text() == TOKEN  # exactly: not re-encoded, not HTML-escaped
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 async def test_the_handshake_comes_before_any_body_check(tmp_path: Path) -> None:
@@ -97,6 +98,9 @@ async def test_allowlist_behind_a_trusted_proxy(tmp_path: Path) -> None:
         spoofed = await api.client.post("/notificationClient", json=body,
                                         headers={"X-Forwarded-For": "52.97.1.2, 198.51.100.7"})
         assert spoofed.status == 403  # a client cannot prepend an allowed address
+        for hop in ("52.97.1.2:50123", "[2603:1063::1]:443"):  # proxies that forward the port too
+            ported = await api.client.post("/notificationClient", json=body, headers={"X-Forwarded-For": hop})
+            assert ported.status == (202 if hop.startswith("52.") else 403), hop
 
 
 async def test_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path) -> None:

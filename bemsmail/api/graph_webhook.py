@@ -52,19 +52,28 @@ class WebhookSettings:
 WEBHOOK: web.AppKey[WebhookSettings] = web.AppKey("graph_webhook")
 
 
+def _without_port(hop: str) -> str:
+    """Some proxies (Azure Application Gateway) forward `IP:port` or `[IPv6]:port`: the address alone."""
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
+
+
 def client_address(request: web.Request, trusted: Sequence[IPv4Network | IPv6Network]) -> str | None:
     """The poster's address: the peer, or through trusted proxies the last X-Forwarded-For hop not one of them."""
     peer = request.remote
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
     candidate = peer
     for hop in [peer, *reversed(hops)]:
-        candidate = hop
+        candidate = _without_port(hop or "")
         try:
-            address = ip_address(hop or "")
+            address = ip_address(candidate)
         except ValueError:
             return None
         if not any(address in net for net in trusted):
-            return hop
+            return candidate
     return candidate
 
 
@@ -108,7 +117,8 @@ def _validation(request: web.Request) -> web.Response | None:
     if token is None:
         return None
     # Echo exactly the decoded token, as plain text: never HTML, never re-encoded.
-    return web.Response(text=token, content_type="text/plain", charset="utf-8")
+    return web.Response(text=token, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def _receive(request: web.Request, lifecycle: bool) -> web.StreamResponse:
