@@ -28,6 +28,13 @@ from bemsmail.metrics import Metrics, PushMetrics, RelayMetrics
 from bemsmail.push.dispatcher import Dispatcher, RetryPolicy
 from bemsmail.sources.ews.source import EwsSource
 from bemsmail.sources.graph.source import GraphSource
+from bemsmail.sources.migration import (
+    REPORT_ACTION,
+    EwsDisabledReport,
+    MigratingSource,
+    MigrationStats,
+    rest_id_sink,
+)
 from bemsmail.store.engine import create_engine, safe_url
 from bemsmail.store.schema import migrate, schema_problem, schema_status
 from bemsmail.store.sql import SqlStore
@@ -113,20 +120,48 @@ class TenantDetails:
         return None if source is None else await source.unread_count(mailbox)
 
 
-MailSourceImpl = EwsSource | GraphSource
+MailSourceImpl = EwsSource | GraphSource | MigratingSource
 
 
 def build_sources(config: Config, store: SqlStore, clock: SystemClock,
                   sink: Callable[[MailboxEvent], Awaitable[None]]) -> dict[str, MailSourceImpl]:
-    """One mail source per tenant, for its backend."""
+    """One mail source per tenant: for its backend, or a MigratingSource over both while its mailboxes move
+    from EWS to Graph (docs/migration.md)."""
     sources: dict[str, MailSourceImpl] = {}
     for t in config.tenants:
-        if t.backend == "ews" and t.ews:
-            sources[t.name] = EwsSource(t.ews, store, clock, sink)
+        if (t.migrating or t.migrates_on_ews_disabled) and t.ews and t.graph:
+            ews = EwsSource(t.ews, store, clock, rest_id_sink(sink))
+            graph = GraphSource(t.graph, store, clock, sink, name=t.name, queue_limit=config.webhook.queue_limit)
+            sources[t.name] = MigratingSource(t.name, ews, graph, store, clock, t.migration, move_all=t.migrating)
+        elif t.backend == "ews" and t.ews:
+            source = EwsSource(t.ews, store, clock, sink)
+            source.call_failed = EwsDisabledReport(t.name, MigrationStats(), action=REPORT_ACTION)
+            sources[t.name] = source
         elif t.backend == "graph" and t.graph:
             sources[t.name] = GraphSource(t.graph, store, clock, sink, name=t.name,
                                           queue_limit=config.webhook.queue_limit)
     return sources
+
+
+def inner_sources(sources: Mapping[str, MailSourceImpl]) -> Iterator[tuple[str, EwsSource | GraphSource]]:
+    """Every protocol source by tenant name, also those a MigratingSource wraps (metrics, webhook, push)."""
+    for name, source in sources.items():
+        if isinstance(source, MigratingSource):
+            yield name, source.ews
+            yield name, source.graph
+        else:
+            yield name, source
+
+
+def migration_stats(sources: Mapping[str, MailSourceImpl]) -> dict[str, MigrationStats]:
+    """Each tenant's migration figures: migrating tenants', and EWS tenants' 403 counts."""
+    found: dict[str, MigrationStats] = {}
+    for name, source in sources.items():
+        if isinstance(source, MigratingSource):
+            found[name] = source.stats
+        elif isinstance(source, EwsSource) and isinstance(source.call_failed, EwsDisabledReport):
+            found[name] = source.call_failed.stats
+    return found
 
 
 class Node:
@@ -149,8 +184,9 @@ class Node:
         self.sources = build_sources(config, self.store, self.clock, self._on_event)
         self.relay = Relay(self.store, self.dispatcher, self.bus, self.clock, relay_policy(config, tenants),
                            RelayMetrics(self.metrics), details=TenantDetails(tenants, self.sources))
-        self.metrics.watch_sources({n: s for n, s in self.sources.items() if isinstance(s, EwsSource)})
-        self.metrics.watch_graph({n: s for n, s in self.sources.items() if isinstance(s, GraphSource)})
+        self.metrics.watch_sources({n: s for n, s in inner_sources(self.sources) if isinstance(s, EwsSource)})
+        self.metrics.watch_graph({n: s for n, s in inner_sources(self.sources) if isinstance(s, GraphSource)})
+        self.metrics.watch_migrations(migration_stats(self.sources))
         self.watcher = Watcher(self.store, self.bus, self.clock, self.ownership, tenants, self.sources)
         self._watching = False
         self._pushing = False
@@ -195,11 +231,11 @@ class Node:
         """The HTTP application: registration API, health, metrics, EWS push callback and Graph webhook."""
         hook = self.config.webhook
         webhook = graph_webhook.WebhookSettings(
-            [s for s in self.sources.values() if isinstance(s, GraphSource)], hook.max_body_bytes,
+            [s for _, s in inner_sources(self.sources) if isinstance(s, GraphSource)], hook.max_body_bytes,
             hook.allowed_networks, hook.trusted_proxies)
         return create_api(self.service, self.store, self.authenticator, self.metrics,
                           self.config.server.max_body_bytes,
-                          push_receivers=[s for s in self.sources.values()
+                          push_receivers=[s for _, s in inner_sources(self.sources)
                                           if isinstance(s, EwsSource) and s.settings.mode == "push"],
                           webhook=webhook)
 

@@ -135,7 +135,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 async def _check_ews(name: str, settings: EwsConfig, domain: str, mailbox: str | None) -> bool:
     """Autodiscover (unless a URL is set) and one impersonated GetFolder for a probe mailbox of the tenant."""
-    from bemsmail.sources.ews.exchange import EwsCallError, ExchangeClient
+    from bemsmail.sources.ews.exchange import EWS_DISABLED, EwsCallError, ExchangeClient
 
     probe = mailbox or settings.probe_mailbox or f"postmaster@{domain}"
     client = ExchangeClient(settings)
@@ -153,6 +153,9 @@ async def _check_ews(name: str, settings: EwsConfig, domain: str, mailbox: str |
         return True
     except EwsCallError as exc:
         print(f"tenant {name}: EWS call for {probe} failed: {exc.code}", file=sys.stderr)
+        if exc.code == EWS_DISABLED:
+            print(f"tenant {name}: EWS disabled for this tenant in Exchange Online (HTTP 403): configure "
+                  '[tenants.graph] and backend = "graph", or on_ews_disabled = "migrate"', file=sys.stderr)
         return False
     finally:
         await client.close()

@@ -238,7 +238,10 @@ class GraphConfig(Section):
     #: /subscriptions writes (create, renew, delete, reauthorize) per sliding 20 s; Graph allows 1,000 per app
     #: per tenant (and 2,000 per tenant for all apps together)
     writes_per_20s: int = Field(900, ge=1, le=2000)
-    concurrency: int = Field(16, ge=1, le=256, description="Graph requests in flight at once")
+    concurrency: int = Field(16, ge=1, le=256, description="subscription and delta requests in flight at once")
+    #: unread counts and message details, read for pushes: at 500 mails/s and ~50 ms per Graph answer that is
+    #: 25 in flight, and Outlook's limit of 4 concurrent requests is per mailbox, not per tenant
+    read_concurrency: int = Field(64, ge=1, le=1024, description="reads for pushes in flight at once")
     catch_up_max_age_minutes: float = Field(240.0, ge=0, description="older mail is not pushed by a catch-up")
     #: a delta round per mailbox at least this often, also without a gap: a safety net for notifications lost silently
     delta_refresh_minutes: float = Field(60.0, ge=1)
@@ -265,6 +268,18 @@ class GraphConfig(Section):
         return self
 
 
+class MigrationConfig(Section):
+    """How a tenant's mailboxes move from EWS to Graph (docs/migration.md)."""
+
+    #: moves started per window of `every_minutes` (BEMS moves 50 users every 5 minutes)
+    users_per_batch: int = Field(50, ge=1, le=10_000)
+    #: the window, in minutes; production uses whole minutes, fractions down to 0.01 exist for tests
+    every_minutes: float = Field(5.0, ge=0.01, le=1440)
+    #: EWS answering 403 (switched off in Exchange Online): "report" logs it and keeps retrying EWS; "migrate"
+    #: also moves each such mailbox to Graph at once (needs a [tenants.graph] section)
+    on_ews_disabled: Literal["report", "migrate"] = "report"
+
+
 class TenantConfig(Section):
     name: Name
     domains: list[Domain] = Field(min_length=1)
@@ -272,12 +287,25 @@ class TenantConfig(Section):
     rich_content: bool = False
     ews: EwsConfig | None = None
     graph: GraphConfig | None = None
+    migration: MigrationConfig = MigrationConfig()
 
     @model_validator(mode="after")
     def _backend_section(self) -> TenantConfig:
         if getattr(self, self.backend) is None:
             raise ValueError(f"backend = {self.backend!r} needs a [{self.backend}] section for this tenant")
+        if self.migration.on_ews_disabled == "migrate" and self.graph is None:
+            raise ValueError("migration.on_ews_disabled = 'migrate' needs a [graph] section for this tenant")
         return self
+
+    @property
+    def migrating(self) -> bool:
+        """Switched to Graph with its EWS section kept: mailboxes still on EWS move at the configured rate."""
+        return self.backend == "graph" and self.ews is not None
+
+    @property
+    def migrates_on_ews_disabled(self) -> bool:
+        """On EWS, and a mailbox for which EWS answers 403 moves to Graph."""
+        return self.backend == "ews" and self.graph is not None and self.migration.on_ews_disabled == "migrate"
 
 
 class EndpointOverride(Section):

@@ -20,6 +20,7 @@ from bemsmail.push.dispatcher import Dispatcher, Lane, LaneObserver
 if TYPE_CHECKING:
     from bemsmail.sources.ews.source import EwsSource
     from bemsmail.sources.graph.source import GraphSource
+    from bemsmail.sources.migration import MigrationStats
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +112,38 @@ class Metrics:
 
     def watch_graph(self, sources: Mapping[str, GraphSource]) -> None:
         self.registry.register(_GraphCollector(sources))
+
+    def watch_migrations(self, migrations: Mapping[str, MigrationStats]) -> None:
+        """Tenants moving from EWS to Graph, and EWS tenants' 403 answers (EWS disabled in Exchange Online)."""
+        self.registry.register(_MigrationCollector(migrations))
+
+
+class _MigrationCollector(Collector):
+    """Migrations, read at scrape time: mailboxes waiting and moving, moves done, EWS answering 403."""
+
+    def __init__(self, migrations: Mapping[str, MigrationStats]) -> None:
+        self._migrations = migrations
+
+    def collect(self) -> Iterable[Metric]:
+        tenant = ["tenant"]
+        pending = GaugeMetricFamily("bemsmail_migration_pending",
+                                    "Mailboxes still on EWS waiting for their move to Graph to start.", labels=tenant)
+        moving = GaugeMetricFamily("bemsmail_migration_moving",
+                                   "Moves started, waiting for Graph to be live (EWS still watches).", labels=tenant)
+        moved = CounterMetricFamily("bemsmail_migration_moved", "Mailboxes moved from EWS to Graph.", labels=tenant)
+        stalled = CounterMetricFamily("bemsmail_migration_stalled",
+                                      "Moves undone because Graph did not become live in time (queued again).",
+                                      labels=tenant)
+        disabled = CounterMetricFamily("bemsmail_ews_disabled",
+                                       "EWS answers of 403 Forbidden: EWS is disabled in Exchange Online.",
+                                       labels=tenant)
+        for name, stats in self._migrations.items():
+            pending.add_metric([name], stats.pending)
+            moving.add_metric([name], stats.moving)
+            moved.add_metric([name], stats.moved)
+            stalled.add_metric([name], stats.stalled)
+            disabled.add_metric([name], stats.ews_disabled)
+        return [pending, moving, moved, stalled, disabled]
 
 
 class _GraphCollector(Collector):

@@ -99,6 +99,10 @@ acting for ``mailbox``:
   ``<t:MessageXml><t:Value Name="BackOffMilliseconds">N</t:Value></t:MessageXml>`` (research §A.6);
 - otherwise: an error ResponseMessage with that ResponseCode, HTTP 200.
 
+EWS switched off (``ews_disabled = True``): every EWS SOAP request (GetStreamingEvents too) is answered HTTP 403
+Forbidden with no SOAP, after authentication, as Exchange Online answers when EWS is disabled for the organisation,
+the app or the mailbox; Autodiscover keeps answering.
+
 Other hooks: ``expire_subscriptions``, ``drop_streams`` (abort every stream's TCP connection), ``close_streams``
 (ConnectionStatus Closed now), ``silence_streams``, ``skip_push_notifications`` (the next n push notifications advance
 the watermark without being sent, so PreviousWatermark shows the gap), ``reset``.
@@ -377,6 +381,7 @@ class MockEwsStats:
     push_skipped: int = 0
     faults_injected: Counter[str] = field(default_factory=Counter)  # by operation
     unauthorized: int = 0
+    forbidden: int = 0  # EWS requests answered 403 while `ews_disabled`
     recent_requests: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
 
     def to_json(self) -> dict[str, Any]:
@@ -392,7 +397,7 @@ class MockEwsStats:
             "notifications_streamed": self.notifications_streamed,
             "push_deliveries": self.push_deliveries, "push_failures": self.push_failures,
             "push_skipped": self.push_skipped, "faults_injected": dict(self.faults_injected),
-            "unauthorized": self.unauthorized,
+            "unauthorized": self.unauthorized, "forbidden": self.forbidden,
         }
 
 
@@ -729,6 +734,8 @@ class MockExchange:
         self._faults: list[_Fault] = []
         self._silence_until = 0.0
         self._folder_sets: dict[frozenset[int], frozenset[int]] = {}  # interned folder sets of subscriptions
+        #: Exchange Online with EWS switched off: every EWS request is answered 403 (see the module docstring)
+        self.ews_disabled = False
 
         self._parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
                                        remove_comments=True, remove_pis=True)
@@ -1512,6 +1519,10 @@ class MockExchange:
         if isinstance(user, web.Response):
             await request.read()  # NTLM: the connection stays open for the next leg, so consume this body
             return user
+        if self.ews_disabled:
+            await request.read()
+            self.stats.forbidden += 1
+            return web.Response(status=403, text="403 - Forbidden: Access is denied.")
         try:
             ctx = self._parse_ews(request, await request.read(), user)
         except _SoapFault as fault:

@@ -41,6 +41,7 @@ T = TypeVar("T")
 _RETRYABLE_MYSQL = {1213, 1205, 1062}
 _MAX_ATTEMPTS = 5
 _KNOWN_MAILBOXES = 100_000
+_BACKENDS = frozenset(b.value for b in Backend)
 
 _FOLDER_STATE_FIELDS = ("sync_state", "seen_through", "seen_ids", "remote_id", "watermark", "client_state",
                         "expires_at", "updated_at")
@@ -167,6 +168,29 @@ class SqlStore:
             self._known_mailboxes.move_to_end(address)
         while len(self._known_mailboxes) > _KNOWN_MAILBOXES:
             self._known_mailboxes.popitem(last=False)
+
+    async def mailbox_backends(self, tenant: str) -> dict[str, Backend]:
+        """The backend each of a tenant's mailboxes is recorded on (a migration's starting point)."""
+        m = mailboxes.c
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(m.address, m.backend).where(m.tenant == tenant))).all()
+        return {address: Backend(backend) for address, backend in rows if backend in _BACKENDS}
+
+    async def mailbox_backend(self, address: str) -> Backend | None:
+        m = mailboxes.c
+        async with self._engine.connect() as conn:
+            value = (await conn.execute(sa.select(m.backend).where(m.address == address))).scalar()
+        return Backend(value) if value in _BACKENDS else None
+
+    async def set_mailbox_backend(self, address: str, backend: Backend) -> None:
+        """Record that the mailbox is now watched through `backend` (a migration moved it)."""
+        m = mailboxes.c
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(sa.update(mailboxes).where(m.address == address)
+                               .values(backend=backend.value, updated_at=self._clock.now()))
+
+        await self._retrying(work)
 
     # --- registrations ---------------------------------------------------------------------------------------
 

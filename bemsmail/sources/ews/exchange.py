@@ -10,6 +10,7 @@ decides how to wait; exchangelib's own retry policy stays fail-fast, since it wo
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -57,6 +58,11 @@ MAX_SYNC_CHANGES = 512  # EWS's ceiling for MaxChangesReturned
 MEETING_CLASSES = ("IPM.Schedule.Meeting.Request",)
 AFFINITY_COOKIE = "X-BackEndOverrideCookie"
 _IMPORTANCE = {"Low": "low", "Normal": "normal", "High": "high"}
+#: the code for an EWS endpoint answering HTTP 403 Forbidden: Exchange Online does so when EWS is switched off
+#: for the organisation, the app or the mailbox (EWSEnabled = false, EWS retirement); retrying does not help
+EWS_DISABLED = "ErrorEwsDisabled"
+# exchangelib keeps no status on the error it raises for an unexpected HTTP answer, only this text
+_UNKNOWN_STATUS = re.compile(r"^Unknown failure in response\. Code: (\d{3})\b")
 
 
 class EwsCallError(Exception):
@@ -194,7 +200,20 @@ class _TokenUrlOAuth2Credentials(OAuth2Credentials):  # type: ignore[misc]
         return f"{self._authority}/{self.tenant_id}/oauth2/v2.0/token"
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed EWS answer when exchangelib kept it (CASError) or wrote it in its message."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status
+    if isinstance(exc, ews_errors.MalformedResponseError):
+        found = _UNKNOWN_STATUS.match(str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
 def _translate(exc: BaseException) -> EwsCallError:
+    if isinstance(exc, ews_errors.EWSError) and _http_status(exc) == 403:
+        return EwsCallError(EWS_DISABLED, "EWS answered HTTP 403 Forbidden (EWS disabled in Exchange Online)")
     if isinstance(exc, ews_errors.ErrorServerBusy):
         return EwsCallError("ErrorServerBusy", str(exc), exc.back_off)
     if isinstance(exc, ews_errors.EWSError):

@@ -22,7 +22,7 @@ import contextlib
 import random
 import secrets
 import ssl
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,7 +34,7 @@ from bemsmail.config import EwsConfig
 from bemsmail.core.model import Backend, EventKind, FolderState, ItemDetails, MailboxEvent
 from bemsmail.core.ports import Clock
 from bemsmail.sources.common import EventPump, EventSink, StateStore, StateWriter
-from bemsmail.sources.ews.exchange import INBOX, EwsCallError, ExchangeClient, FolderRef
+from bemsmail.sources.ews.exchange import EWS_DISABLED, INBOX, EwsCallError, ExchangeClient, FolderRef
 from bemsmail.sources.ews.httpauth import (
     BasicAuth,
     BearerAuth,
@@ -69,6 +69,9 @@ FLUSH_SECONDS = 2.0
 LOAD_BATCH = 1000
 #: how long a push post for an unknown subscription waits for Subscribes in flight (Exchange allows 30 s)
 PUSH_CLAIM_SECONDS = 10.0
+
+#: told of an EWS call for a mailbox that failed (subscribe, catch-up, or its group's stream); must not block
+CallFailed = Callable[[str, EwsCallError], None]
 
 
 
@@ -161,6 +164,8 @@ class EwsSource:
         self._push_subscribing = 0
         self._push_registered = asyncio.Event()
         self.stats = SourceStats()
+        #: an observer of failed calls (the migration notices EWS answering 403 through it); None: nobody
+        self.call_failed: CallFailed | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -261,6 +266,13 @@ class EwsSource:
         except EwsCallError as exc:  # it expires by itself once no stream carries it
             log.info("ews_unsubscribe_failed", code=exc.code)
 
+    def _report(self, mailbox: str, exc: EwsCallError) -> None:
+        if self.call_failed is not None:
+            try:
+                self.call_failed(mailbox, exc)
+            except Exception:  # an observer's bug must not stop subscribing
+                log.exception("ews_call_failed_observer_crashed")
+
     # --- subscribing ----------------------------------------------------------------------------------------
 
     async def _subscriber(self) -> None:
@@ -277,6 +289,7 @@ class EwsSource:
                 watch.retry_delay = min(RETRY_MAX, watch.retry_delay * 2)
                 self.stats.subscribe_failures += 1
                 log.warning("ews_subscribe_failed", code=exc.code, retry_in=round(delay, 1))
+                self._report(watch.mailbox, exc)
                 asyncio.get_running_loop().call_later(delay, self._enqueue, watch)
             except Exception:
                 log.exception("ews_subscribe_crashed")
@@ -408,6 +421,10 @@ class EwsSource:
                     delay = min(RETRY_MAX, delay * 2)
                     log.warning("ews_stream_failed", group=group.number, error=type(exc).__name__,
                                 code=getattr(exc, "code", None), retry_in=round(wait, 1))
+                    if isinstance(exc, StreamHttpError) and exc.status == 403:
+                        refused = EwsCallError(EWS_DISABLED, "GetStreamingEvents answered HTTP 403 Forbidden")
+                        for member in list(group.members.values()):
+                            self._report(member.mailbox, refused)
                     await asyncio.sleep(wait)
 
     @staticmethod
@@ -671,6 +688,7 @@ class EwsSource:
                 self.stats.catch_up_failures += 1
                 delay = exc.back_off or 5.0
                 log.warning("ews_catch_up_failed", code=exc.code, retry_in=delay)
+                self._report(watch.mailbox, exc)
                 asyncio.get_running_loop().call_later(delay, self._queue_catch_up, watch)
 
     async def catch_up(self, watch: _Watch) -> int:

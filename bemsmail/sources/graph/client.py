@@ -146,7 +146,8 @@ class GraphClient:
         context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
         self._http = httpx.AsyncClient(
             verify=context, http2=True, timeout=httpx.Timeout(30.0, connect=10.0),
-            limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency))
+            limits=httpx.Limits(max_connections=2 * settings.concurrency + settings.read_concurrency,
+                                max_keepalive_connections=2 * settings.concurrency + settings.read_concurrency))
         # Our source retries with its own back-off and write budget: kiota's hidden retries would spend the budget
         # behind its back and sleep up to 180 s inside one call.
         options = {RetryHandlerOption.get_key(): RetryHandlerOption(max_retries=0, should_retry=False)}
@@ -157,14 +158,20 @@ class GraphClient:
         adapter.base_url = str(settings.graph_url).rstrip("/")
         self._graph = GraphServiceClient(request_adapter=adapter)
         self._slots = asyncio.Semaphore(settings.concurrency)
+        # reads for pushes have their own bound: a burst of them must not hold back renewals, nor wait behind them
+        self._reads = asyncio.Semaphore(settings.read_concurrency)
+        self._write_slots = asyncio.Semaphore(settings.concurrency)
         self._base = str(settings.graph_url).rstrip("/")
 
     async def close(self) -> None:
         await self._http.aclose()
         await self._credential.close()
 
-    async def _call(self, what: str, call: Any) -> Any:
-        async with self._slots:
+    async def _call(self, what: str, call: Any, *, write: bool = False) -> Any:
+        # A write has spent its /subscriptions budget already: it goes at once (the source's few writer tasks bound
+        # writes in flight), never queued behind delta reads, or it would reach Graph in a later 20 s window than
+        # the one the budget counted it in.
+        async with self._write_slots if write else self._slots:
             try:
                 return await call
             except ODataError as exc:
@@ -188,29 +195,30 @@ class GraphClient:
             change_type="created", notification_url=self.settings.webhook_url,
             lifecycle_notification_url=self.settings.lifecycle_url, resource=inbox_resource(mailbox),
             expiration_date_time=expires, client_state=client_state, latest_supported_tls_version="v1_2")
-        made = await self._call("create subscription", self._graph.subscriptions.post(body))
+        made = await self._call("create subscription", self._graph.subscriptions.post(body), write=True)
         return self._remote(made)
 
     async def renew(self, subscription_id: str, minutes: int) -> datetime | None:
         expires = datetime.now(UTC) + timedelta(minutes=minutes)
         builder = self._graph.subscriptions.by_subscription_id(subscription_id)
-        done = await self._call("renew subscription", builder.patch(Subscription(expiration_date_time=expires)))
+        done = await self._call("renew subscription", builder.patch(Subscription(expiration_date_time=expires)),
+                                write=True)
         return _aware(done.expiration_date_time) if done is not None else expires
 
     async def reauthorize(self, subscription_id: str) -> None:
         builder = self._graph.subscriptions.by_subscription_id(subscription_id).reauthorize
-        await self._call("reauthorize subscription", builder.post())
+        await self._call("reauthorize subscription", builder.post(), write=True)
 
     async def delete_subscription(self, subscription_id: str) -> None:
         builder = self._graph.subscriptions.by_subscription_id(subscription_id)
-        await self._call("delete subscription", builder.delete())
+        await self._call("delete subscription", builder.delete(), write=True)
 
     async def subscriptions(self) -> AsyncIterator[RemoteSubscription]:
         """Every subscription this app holds in the tenant, page by page (plain JSON: at 100,000 subscriptions
         kiota's model parsing made a restart's reconciliation take minutes of CPU)."""
         link: str | None = "subscriptions"
         while link is not None:
-            page = await self._get_json("list subscriptions", link, None)
+            page = await self._get_json("list subscriptions", link, None, for_push=False)
             for made in page.get("value") or ():
                 if isinstance(made, dict) and isinstance(made.get("id"), str):
                     expires = made.get("expirationDateTime")
@@ -258,10 +266,11 @@ class GraphClient:
     # Details and unread counts are read for pushes, thousands a second at peak: plain JSON over the same
     # connection pool and token, because kiota's model parsing costs milliseconds of CPU per answer.
 
-    async def _get_json(self, what: str, path: str, params: dict[str, str] | None) -> dict[str, Any]:
+    async def _get_json(self, what: str, path: str, params: dict[str, str] | None, *,
+                        for_push: bool = True) -> dict[str, Any]:
         """GET a path under the Graph URL (or a whole link Graph gave, such as a nextLink)."""
         url = path if path.startswith(("https://", "http://")) else f"{self._base}/{path}"
-        async with self._slots:
+        async with self._reads if for_push else self._slots:
             try:
                 token = await self._credential.get_token(*SCOPES)
                 answer = await self._http.get(url, params=params,

@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 FOLDER = "Inbox"
 WINDOW_SECONDS = 20.0
+WRITE_GUARD_SECONDS = 1.0
 WRITERS = 8
 CATCH_UP_WORKERS = 8
 EVENT_QUEUE = 100_000
@@ -149,7 +150,9 @@ class GraphSource:
         self._clock = clock
         self.client = client or GraphClient(settings)
         self.stats = GraphStats()
-        self.budget = WindowBudget(settings.writes_per_20s, WINDOW_SECONDS, clock)
+        # Graph counts a write when it arrives, we when we start it: the guard covers the time in between, so that
+        # no 20 s window at Graph's side holds more than the budget either
+        self.budget = WindowBudget(settings.writes_per_20s, WINDOW_SECONDS + WRITE_GUARD_SECONDS, clock)
         self._events = EventPump(sink, size=queue_limit, workers=EVENT_WORKERS, name=f"graph-{name}")
         self._states = StateWriter(store, Backend.GRAPH, FLUSH_SECONDS)
         self._watches: dict[str, _Watch] = {}
@@ -684,6 +687,14 @@ class GraphSource:
 
     def subscribed(self) -> int:
         return sum(1 for w in self._by_subscription.values() if w.watched)
+
+    def live(self, mailbox: str) -> bool:
+        """Whether Graph now tells us of the mailbox's new mail: it is watched, its subscription was made (through
+        the validation handshake) and a delta round has set the baseline that later rounds catch up from."""
+        watch = self._watches.get(mailbox)
+        if watch is None or watch.subscription_id is None or watch.state.sync_state is None:
+            return False
+        return self._by_subscription.get(watch.subscription_id) is watch
 
     def pending_writes(self) -> int:
         return len(self._writes)
