@@ -105,3 +105,34 @@ token_uri = "{MOCK_FCM_URL}/token"
         encoding="utf-8",
     )
     return api_key
+
+
+#: the app the mock Graph is started with in tests, benchmarks and the demo
+MOCK_GRAPH_TENANT_ID = "7d1d5a54-0000-4000-8000-00000000c0de"
+MOCK_GRAPH_CLIENT_ID = "0c7e11a5-0000-4000-8000-0000000b3a55"
+
+
+def graph_section(*, secret_file: Path, notification_url: str, authority: str, graph_url: str, ca_file: Path | str,
+                  extra: str = "") -> str:
+    """The [tenants.graph] table of a tenant served by a mock Graph."""
+    return f'''[tenants.graph]
+tenant_id = "{MOCK_GRAPH_TENANT_ID}"
+client_id = "{MOCK_GRAPH_CLIENT_ID}"
+client_secret_file = "{secret_file}"
+notification_url = "{notification_url}"
+authority = "{authority}"
+graph_url = "{graph_url}"
+ca_file = "{ca_file}"
+{extra}'''
+
+
+def use_mock_graph(config_path: Path, *, secret: str, notification_url: str, authority: str, graph_url: str,
+                   ca_file: Path | str, extra: str = "") -> None:
+    """Switch the example tenant of a config from `write_dev_config` from EWS to a mock Graph."""
+    secret_file = config_path.parent / "secrets" / "graph-client-secret"
+    _write_secret(secret_file, secret + "\n")
+    text = config_path.read_text(encoding="utf-8")
+    start, end = text.index('backend = "ews"'), text.index("\n[[apns.apps]]")
+    section = graph_section(secret_file=secret_file, notification_url=notification_url, authority=authority,
+                            graph_url=graph_url, ca_file=ca_file, extra=extra)
+    config_path.write_text(text[:start] + 'backend = "graph"\n\n' + section + text[end:], encoding="utf-8")

@@ -46,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_push import ROOT, cpu_seconds, percentile, post_json, start_apns_mock
 
-from bemsmail.devconfig import write_dev_config
+from bemsmail.devconfig import MOCK_GRAPH_CLIENT_ID, MOCK_GRAPH_TENANT_ID, use_mock_graph, write_dev_config
 from bemsmail.devservices import free_port
 
 DOMAIN = "example.com"
-TENANT_ID = "7d1d5a54-0000-4000-8000-00000000c0de"
-CLIENT_ID = "0c7e11a5-0000-4000-8000-0000000b3a55"
+TENANT_ID = MOCK_GRAPH_TENANT_ID
+CLIENT_ID = MOCK_GRAPH_CLIENT_ID
 METRIC = re.compile(r'^(bemsmail_graph_[a-z_]+)\{[^}]*\} ([0-9.e+-]+)$', re.M)
 
 
@@ -111,26 +111,6 @@ async def populate(config_path: Path, count: int) -> None:
     async with engine.begin() as conn:
         await conn.execute(sa.update(mailboxes).values(backend="graph"))
     await engine.dispose()
-
-
-def graph_tenant(config_path: Path, graph_url: str, authority: str, ca_file: str, port: int, secret: str) -> None:
-    secret_file = config_path.parent / "secrets" / "graph-client-secret"
-    secret_file.write_text(secret + "\n")
-    secret_file.chmod(0o600)
-    text = config_path.read_text()
-    start, end = text.index('backend = "ews"'), text.index("\n[[apns.apps]]")
-    config_path.write_text(text[:start] + f'''backend = "graph"
-
-[tenants.graph]
-tenant_id = "{TENANT_ID}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret_file}"
-notification_url = "http://127.0.0.1:{port}"
-authority = "{authority}"
-graph_url = "{graph_url}"
-ca_file = "{ca_file}"
-writes_per_20s = 2000
-''' + text[end:])
 
 
 # --- load generator (its own process) ----------------------------------------------------------------------
@@ -241,7 +221,8 @@ def run_daemon_parts(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ready = json.loads(graph_proc.stdout.readline())
     control = Https(ready["url"], ready["ca_file"])
     port = free_port()
-    graph_tenant(config_path, ready["graph_url"], ready["url"], ready["ca_file"], port, secret)
+    use_mock_graph(config_path, secret=secret, notification_url=f"http://127.0.0.1:{port}", authority=ready["url"],
+                   graph_url=ready["graph_url"], ca_file=ready["ca_file"], extra="writes_per_20s = 2000\n")
     denv = dict(os.environ)
     denv.update({
         "BEMSMAIL_SERVER__PORT": str(port),

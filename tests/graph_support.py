@@ -14,16 +14,16 @@ from typing import Any
 from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.core.model import DeviceSettings, Platform, RegistrationInput
-from bemsmail.devconfig import write_dev_config
+from bemsmail.devconfig import MOCK_GRAPH_CLIENT_ID, MOCK_GRAPH_TENANT_ID, use_mock_graph, write_dev_config
 from bemsmail.mocks.apns import MockApns, load_provider_key
 from bemsmail.mocks.graph import GraphApp, MockGraph
 from bemsmail.mocks.tls import ensure_test_pki
 from bemsmail.sources.graph.source import GraphSource
-from tests.support import IOS_APP, IOS_TOKEN, free_port
+from tests.support import IOS_APP, IOS_TOKEN, free_port, until
 
 ALICE = "alice@example.com"
-TENANT_ID = "7d1d5a54-0000-4000-8000-00000000c0de"
-CLIENT_ID = "0c7e11a5-0000-4000-8000-0000000b3a55"
+TENANT_ID = MOCK_GRAPH_TENANT_ID
+CLIENT_ID = MOCK_GRAPH_CLIENT_ID
 
 
 @dataclass
@@ -49,29 +49,6 @@ class GraphWorld:
         return [r for r in self.apns.recent() if r.status == 200]
 
 
-def _graph_tenant(path: Path, graph: MockGraph, port: int) -> str:
-    """Rewrite the dev config's example tenant from EWS to Graph; returns the client secret."""
-    secret = secrets.token_urlsafe(24)
-    secret_file = path.parent / "secrets" / "graph-client-secret"
-    secret_file.write_text(secret + "\n")
-    secret_file.chmod(0o600)
-    text = path.read_text()
-    start = text.index('backend = "ews"')
-    end = text.index("\n[[apns.apps]]")
-    path.write_text(text[:start] + f'''backend = "graph"
-
-[tenants.graph]
-tenant_id = "{TENANT_ID}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret_file}"
-notification_url = "http://127.0.0.1:{port}"
-authority = "{graph.url}"
-graph_url = "{graph.graph_url}"
-ca_file = "{graph.ca_file}"
-''' + text[end:])
-    return secret
-
-
 @contextlib.asynccontextmanager
 async def graph_world(tmp_path: Path, **mock_options: Any) -> AsyncIterator[GraphWorld]:
     path = tmp_path / "bemsmail.toml"
@@ -83,9 +60,25 @@ async def graph_world(tmp_path: Path, **mock_options: Any) -> AsyncIterator[Grap
     port = free_port()
     graph = MockGraph(pki, [], **{"retry_seconds": 0.2, **mock_options})
     async with graph, MockApns(pki, topics=[app.topic], keys=keys, control_port=None) as apns:
-        secret = _graph_tenant(path, graph, port)
+        secret = secrets.token_urlsafe(24)
+        use_mock_graph(path, secret=secret, notification_url=f"http://127.0.0.1:{port}", authority=graph.url,
+                       graph_url=graph.graph_url, ca_file=graph.ca_file)
         graph.apps[CLIENT_ID] = GraphApp(TENANT_ID, CLIENT_ID, secret)
         yield GraphWorld(path, graph, apns, port, secret)
+
+
+@contextlib.asynccontextmanager
+async def alice_watched(world: GraphWorld) -> AsyncIterator[GraphSource]:
+    """The Graph source of a node with Alice's iPhone registered, her Inbox subscribed and its baseline delta round
+    done."""
+    node = await started(world.config())
+    try:
+        source = source_of(node)
+        await register(node)
+        await until(lambda: source.subscribed() == 1 and source.stats.catch_ups == 1, "Alice subscribed")
+        yield source
+    finally:
+        await node.stop()
 
 
 async def started(config: Config) -> Node:

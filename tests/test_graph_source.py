@@ -16,7 +16,7 @@ import aiohttp
 from bemsmail.core.model import Backend
 from bemsmail.mocks.graph import Fault
 from bemsmail.sources.graph.source import digest
-from tests.graph_support import ALICE, GraphWorld, graph_world, register, source_of, started
+from tests.graph_support import ALICE, GraphWorld, alice_watched, graph_world, register, source_of, started
 from tests.support import IOS_TOKEN, until
 
 BOB = "bob@example.com"
@@ -69,26 +69,19 @@ async def test_a_registration_subscribes_through_the_handshake_and_mail_becomes_
 
 
 async def test_a_forged_client_state_is_ignored_and_counted(tmp_path: Path) -> None:
-    async with graph_world(tmp_path) as world:
-        node = await started(world.config())
-        try:
-            source = source_of(node)
-            await register(node)
-            await until(lambda: source.subscribed() == 1 and source.stats.catch_ups == 1, "subscribed")
-            sub = subscription_of(world)
-            message_id = world.graph.add_mail(ALICE)
-            await until(lambda: len(world.pushes()) == 1, "the real notification's push")
-            forged = {"value": [{"subscriptionId": sub["id"], "clientState": "guessed-" + "x" * 30,
-                                 "changeType": "created", "resource": f"Users/x/Messages/{message_id}-2",
-                                 "resourceData": {"id": f"{message_id}-2"}}]}
-            async with aiohttp.ClientSession() as session, session.post(
-                    f"http://127.0.0.1:{world.port}/notificationClient", json=forged) as answer:
-                assert answer.status == 202  # Graph must not learn anything, nor redeliver
-            assert source.stats.forged == 1
-            await asyncio.sleep(0.3)  # a push would have been on its way; not a timing assertion
-            assert len(world.pushes()) == 1
-        finally:
-            await node.stop()
+    async with graph_world(tmp_path) as world, alice_watched(world) as source:
+        sub = subscription_of(world)
+        message_id = world.graph.add_mail(ALICE)
+        await until(lambda: len(world.pushes()) == 1, "the real notification's push")
+        forged = {"value": [{"subscriptionId": sub["id"], "clientState": "guessed-" + "x" * 30,
+                             "changeType": "created", "resource": f"Users/x/Messages/{message_id}-2",
+                             "resourceData": {"id": f"{message_id}-2"}}]}
+        async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{world.port}/notificationClient", json=forged) as answer:
+            assert answer.status == 202  # Graph must not learn anything, nor redeliver
+        assert source.stats.forged == 1
+        await asyncio.sleep(0.3)  # a push would have been on its way; not a timing assertion
+        assert len(world.pushes()) == 1
 
 
 async def test_a_batch_of_notifications_for_several_mailboxes_is_one_post_and_every_device_gets_its_push(
@@ -111,64 +104,43 @@ async def test_a_batch_of_notifications_for_several_mailboxes_is_one_post_and_ev
 
 
 async def test_reauthorization_required_is_answered_and_delivery_goes_on(tmp_path: Path) -> None:
-    async with graph_world(tmp_path, reauthorize_grace_seconds=0.0) as world:
-        node = await started(world.config())
-        try:
-            source = source_of(node)
-            await register(node)
-            await until(lambda: source.subscribed() == 1 and source.stats.catch_ups == 1, "subscribed")
-            sub_id = str(subscription_of(world)["id"])
-            world.graph.send_lifecycle(sub_id, "reauthorizationRequired")
-            await until(lambda: world.graph.subscriptions[sub_id].reauthorize_by is None, "the reauthorization")
-            assert source.stats.lifecycle == {"reauthorizationRequired": 1}
-            world.graph.add_mail(ALICE)  # with the grace at 0, this would be lost had we not answered
-            await until(lambda: len(world.pushes()) == 1, "the push after it")
-            assert world.graph.stats.notifications_paused == 0
-        finally:
-            await node.stop()
+    async with graph_world(tmp_path, reauthorize_grace_seconds=0.0) as world, alice_watched(world) as source:
+        sub_id = str(subscription_of(world)["id"])
+        world.graph.send_lifecycle(sub_id, "reauthorizationRequired")
+        await until(lambda: world.graph.subscriptions[sub_id].reauthorize_by is None, "the reauthorization")
+        assert source.stats.lifecycle == {"reauthorizationRequired": 1}
+        world.graph.add_mail(ALICE)  # with the grace at 0, this would be lost had we not answered
+        await until(lambda: len(world.pushes()) == 1, "the push after it")
+        assert world.graph.stats.notifications_paused == 0
 
 
 async def test_subscription_removed_is_recreated_and_the_gap_caught_up_by_delta(tmp_path: Path) -> None:
-    async with graph_world(tmp_path) as world:
-        node = await started(world.config())
-        try:
-            source = source_of(node)
-            await register(node)
-            await until(lambda: source.subscribed() == 1 and source.stats.catch_ups == 1, "subscribed")
-            first = str(subscription_of(world)["id"])
-            world.graph.send_lifecycle(first, "subscriptionRemoved")  # Graph has removed it: no notification now
-            world.graph.add_mail(ALICE, subject="in the gap")
-            await until(lambda: len(world.pushes()) == 1, "the mail of the gap pushed")
-            second = str(subscription_of(world)["id"])
-            assert second != first and world.graph.stats.creates == 2
-            assert source.stats.caught_up_items == 1 and source.stats.lifecycle == {"subscriptionRemoved": 1}
-            world.graph.add_mail(ALICE, subject="after")
-            await until(lambda: len(world.pushes()) == 2, "the new subscription's push")
-        finally:
-            await node.stop()
+    async with graph_world(tmp_path) as world, alice_watched(world) as source:
+        first = str(subscription_of(world)["id"])
+        world.graph.send_lifecycle(first, "subscriptionRemoved")  # Graph has removed it: no notification now
+        world.graph.add_mail(ALICE, subject="in the gap")
+        await until(lambda: len(world.pushes()) == 1, "the mail of the gap pushed")
+        second = str(subscription_of(world)["id"])
+        assert second != first and world.graph.stats.creates == 2
+        assert source.stats.caught_up_items == 1 and source.stats.lifecycle == {"subscriptionRemoved": 1}
+        world.graph.add_mail(ALICE, subject="after")
+        await until(lambda: len(world.pushes()) == 2, "the new subscription's push")
 
 
 async def test_missed_starts_a_delta_round_that_finds_what_was_lost_and_pushes_nothing_twice(tmp_path: Path) -> None:
-    async with graph_world(tmp_path) as world:
-        node = await started(world.config())
-        try:
-            source = source_of(node)
-            await register(node)
-            await until(lambda: source.subscribed() == 1 and source.stats.catch_ups == 1, "subscribed")
-            world.graph.add_mail(ALICE, subject="notified")
-            await until(lambda: len(world.pushes()) == 1, "the notified mail's push")
-            world.graph.drop_notifications(ALICE, 1)
-            world.graph.add_mail(ALICE, subject="lost")
-            assert world.graph.stats.notifications_dropped == 1
-            world.graph.send_lifecycle(str(subscription_of(world)["id"]), "missed")
-            await until(lambda: source.stats.catch_ups == 2, "the delta round")
-            await until(lambda: len(world.pushes()) == 2, "the lost mail's push")
-            # the round saw both mails; the notified one is not pushed again
-            assert source.stats.caught_up_items == 1
-            await asyncio.sleep(0.3)
-            assert len(world.pushes()) == 2
-        finally:
-            await node.stop()
+    async with graph_world(tmp_path) as world, alice_watched(world) as source:
+        world.graph.add_mail(ALICE, subject="notified")
+        await until(lambda: len(world.pushes()) == 1, "the notified mail's push")
+        world.graph.drop_notifications(ALICE, 1)
+        world.graph.add_mail(ALICE, subject="lost")
+        assert world.graph.stats.notifications_dropped == 1
+        world.graph.send_lifecycle(str(subscription_of(world)["id"]), "missed")
+        await until(lambda: source.stats.catch_ups == 2, "the delta round")
+        await until(lambda: len(world.pushes()) == 2, "the lost mail's push")
+        # the round saw both mails; the notified one is not pushed again
+        assert source.stats.caught_up_items == 1
+        await asyncio.sleep(0.3)
+        assert len(world.pushes()) == 2
 
 
 async def test_renewal_falls_in_its_window_and_renews_the_subscription_when_due(tmp_path: Path) -> None:

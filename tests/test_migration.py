@@ -22,7 +22,7 @@ from bemsmail.app import Node
 from bemsmail.config import Config, ConfigError, load_config
 from bemsmail.core.model import Backend, EventKind, MailboxEvent
 from bemsmail.core.relay import Deduper
-from bemsmail.devconfig import write_dev_config
+from bemsmail.devconfig import graph_section, write_dev_config
 from bemsmail.mocks.apns import MockApns, load_provider_key
 from bemsmail.mocks.ews import MockExchange
 from bemsmail.mocks.graph import Fault, GraphApp, MockGraph
@@ -108,15 +108,8 @@ auth = "basic"
 username = "svc-bemsmail@example.com"
 password_file = "{tmp_path / 'secrets' / 'ews-password'}"
 
-[tenants.graph]
-tenant_id = "{TENANT_ID}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret_file}"
-notification_url = "http://127.0.0.1:{port}"
-authority = "{graph.url}"
-graph_url = "{graph.graph_url}"
-ca_file = "{graph.ca_file}"
-'''
+{graph_section(secret_file=secret_file, notification_url=f"http://127.0.0.1:{port}", authority=graph.url,
+               graph_url=graph.graph_url, ca_file=graph.ca_file)}'''
         yield World(path, ews, graph, apns, port, graph_secret, password, tenant)
 
 
