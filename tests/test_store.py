@@ -210,3 +210,19 @@ async def test_concurrent_reads_share_queries_and_each_gets_its_own_devices(stor
         assert all(r.mailbox == mailbox for r in found)
     assert {r.device_id for r in results[3]} == {"d1", "d2"} == {r.device_id for r in results[20]}
     assert results[-1] == []
+
+
+async def test_a_mailbox_backend_is_recorded_and_moved(store: SqlStore) -> None:
+    """A migration's bookkeeping: where each mailbox is watched, on both databases."""
+    await store.upsert_registration(reg(), "example", Backend.EWS)
+    await store.upsert_registration(reg(mailbox="bob@example.com", token="cd" * 32), "example", Backend.EWS)
+    await store.upsert_registration(reg(mailbox="carol@other.example", token="ef" * 32), "other", Backend.GRAPH)
+    assert await store.mailbox_backends("example") == {"alice@example.com": Backend.EWS,
+                                                       "bob@example.com": Backend.EWS}
+    await store.set_mailbox_backend("alice@example.com", Backend.GRAPH)
+    assert await store.mailbox_backend("alice@example.com") is Backend.GRAPH
+    assert await store.mailbox_backend("bob@example.com") is Backend.EWS
+    assert await store.mailbox_backend("nobody@example.com") is None
+    # a registration upserted again keeps the recorded backend: the migration's move is not undone
+    await store.upsert_registration(reg(token="12" * 32), "example", Backend.EWS)
+    assert await store.mailbox_backend("alice@example.com") is Backend.GRAPH
