@@ -44,6 +44,7 @@ from bench_push import (
     get_json,
     percentile,
     post_json,
+    print_rows,
 )
 
 from bemsmail.devconfig import write_dev_config
@@ -311,11 +312,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("  every mailbox caught up", f"{drop['all_caught_up_s']} s", ""),
         ("  lost / duplicated", f"{drop['lost']} / {drop['duplicated']} of {drop['mails_during']:,}", "0 / 0"),
     ]
-    width = max(len(a) for a, _, _ in rows)
-    print()
-    print(f"{'':{width}}  {'measured':>34}  target")
-    for name, value, target in rows:
-        print(f"{name:{width}}  {value:>34}  {target}")
+    print_rows(rows)
 
 
 def main() -> int:

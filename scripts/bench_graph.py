@@ -36,7 +36,6 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,32 +43,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_push import ROOT, cpu_seconds, percentile, post_json, start_apns_mock
+from bench_ews import mailbox, token, wait_for
+from bench_push import ROOT, cpu_seconds, percentile, post_json, print_rows, start_apns_mock
 
 from bemsmail.devconfig import MOCK_GRAPH_CLIENT_ID, MOCK_GRAPH_TENANT_ID, use_mock_graph, write_dev_config
 from bemsmail.devservices import free_port
 
-DOMAIN = "example.com"
 TENANT_ID = MOCK_GRAPH_TENANT_ID
 CLIENT_ID = MOCK_GRAPH_CLIENT_ID
 METRIC = re.compile(r'^(bemsmail_graph_[a-z_]+)\{[^}]*\} ([0-9.e+-]+)$', re.M)
-
-
-def mailbox(n: int) -> str:
-    return f"user{n:06d}@{DOMAIN}"
-
-
-def token(n: int) -> str:
-    return f"{n:064x}"
-
-
-def wait_for(condition: Callable[[], bool], limit: float, what: str, poll: float = 0.5) -> float:
-    started = time.perf_counter()
-    while not condition():
-        if time.perf_counter() - started > limit:
-            raise SystemExit(f"gave up after {limit:.0f} s waiting for {what}")
-        time.sleep(poll)
-    return time.perf_counter() - started
 
 
 class Https:
@@ -477,11 +459,7 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append((f"  bunched: {b['renewals']:,} due at once, busiest 20 s", f"{b['busiest_20s_window']} writes",
                      f"≤ {b['limit']}"))
         rows.append(("  bunched: throttled by Graph", f"{b['throttled_by_graph']}", "0"))
-    width = max(len(a) for a, _, _ in rows)
-    print()
-    print(f"{'':{width}}  {'measured':>30}  target")
-    for name, value, target in rows:
-        print(f"{name:{width}}  {value:>30}  {target}")
+    print_rows(rows, value_width=30)
 
 
 def main() -> int:

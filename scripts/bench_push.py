@@ -210,6 +210,15 @@ class MockProcess:
         self._log.close()
 
 
+def print_rows(rows: Sequence[tuple[str, str, str]], value_width: int = 34) -> None:
+    """A benchmark's result table: figure, measured value, target."""
+    width = max(len(name) for name, _, _ in rows)
+    print()
+    print(f"{'':{width}}  {'measured':>{value_width}}  target")
+    for name, value, target in rows:
+        print(f"{name:{width}}  {value:>{value_width}}  {target}")
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - our own mock on loopback
         return json.load(response)
