@@ -14,12 +14,12 @@ from typing import Any
 from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.core.model import DeviceSettings, Platform, RegistrationInput
-from bemsmail.devconfig import MOCK_GRAPH_CLIENT_ID, MOCK_GRAPH_TENANT_ID, use_mock_graph, write_dev_config
-from bemsmail.mocks.apns import MockApns, load_provider_key
+from bemsmail.devconfig import MOCK_GRAPH_CLIENT_ID, MOCK_GRAPH_TENANT_ID, use_mock_graph
+from bemsmail.mocks.apns import MockApns
 from bemsmail.mocks.graph import GraphApp, MockGraph
 from bemsmail.mocks.tls import ensure_test_pki
 from bemsmail.sources.graph.source import GraphSource
-from tests.support import IOS_APP, IOS_TOKEN, free_port, until
+from tests.support import IOS_APP, IOS_TOKEN, dev_config_with_apns_key, free_port, until
 
 ALICE = "alice@example.com"
 TENANT_ID = MOCK_GRAPH_TENANT_ID
@@ -52,14 +52,11 @@ class GraphWorld:
 @contextlib.asynccontextmanager
 async def graph_world(tmp_path: Path, **mock_options: Any) -> AsyncIterator[GraphWorld]:
     path = tmp_path / "bemsmail.toml"
-    write_dev_config(path)
-    app = load_config(path, {}).apns.apps[0]
-    assert app.key_file is not None and app.key_id and app.team_id
-    keys = [load_provider_key(app.key_id, app.team_id, app.key_file)]
+    topic, keys = dev_config_with_apns_key(path)
     pki = ensure_test_pki(tmp_path / "pki")
     port = free_port()
     graph = MockGraph(pki, [], **{"retry_seconds": 0.2, **mock_options})
-    async with graph, MockApns(pki, topics=[app.topic], keys=keys, control_port=None) as apns:
+    async with graph, MockApns(pki, topics=[topic], keys=keys, control_port=None) as apns:
         secret = secrets.token_urlsafe(24)
         use_mock_graph(path, secret=secret, notification_url=f"http://127.0.0.1:{port}", authority=graph.url,
                        graph_url=graph.graph_url, ca_file=graph.ca_file)

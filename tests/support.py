@@ -14,6 +14,7 @@ from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.devconfig import write_dev_config
 from bemsmail.devservices import free_port
+from bemsmail.mocks.apns import ProviderKey, load_provider_key
 
 IOS_APP = "com.example.mail"
 ANDROID_APP = "com.example.mail.android"
@@ -36,6 +37,14 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], what: str = "th
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"waited {within:g} s for {what}") from None
+
+
+def dev_config_with_apns_key(path: Path) -> tuple[str, list[ProviderKey]]:
+    """Write a development config at `path`; the topic of its APNs app and the key a mock APNs must accept."""
+    write_dev_config(path)
+    app = load_config(path, {}).apns.apps[0]
+    assert app.key_file is not None and app.key_id and app.team_id
+    return app.topic, [load_provider_key(app.key_id, app.team_id, app.key_file)]
 
 
 def dev_config(tmp_path: Path, db_url: str | None = None, env: Mapping[str, str] | None = None) -> tuple[Config, str]:

@@ -15,11 +15,11 @@ import pytest
 from bemsmail.app import Node
 from bemsmail.config import Config, load_config
 from bemsmail.core.model import Platform, RegistrationInput
-from bemsmail.devconfig import MOCK_EWS_URL, write_dev_config
-from bemsmail.mocks.apns import MockApns, load_provider_key
+from bemsmail.devconfig import MOCK_EWS_URL
+from bemsmail.mocks.apns import MockApns
 from bemsmail.mocks.ews import MockExchange
 from bemsmail.mocks.tls import ensure_test_pki
-from tests.support import IOS_APP, IOS_TOKEN, free_port, until
+from tests.support import IOS_APP, IOS_TOKEN, dev_config_with_apns_key, free_port, until
 
 ALICE = "alice@example.com"
 
@@ -27,14 +27,11 @@ ALICE = "alice@example.com"
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[Callable[[], Config], MockExchange, MockApns]]:
     path = tmp_path / "bemsmail.toml"
-    write_dev_config(path)
+    topic, keys = dev_config_with_apns_key(path)
     password = (tmp_path / "secrets" / "ews-password").read_text().strip()
-    app = load_config(path, {}).apns.apps[0]
-    assert app.key_file is not None and app.key_id and app.team_id
-    keys = [load_provider_key(app.key_id, app.team_id, app.key_file)]
     pki = ensure_test_pki(tmp_path / "pki")
     async with MockExchange(auth="basic", users={"svc-bemsmail@example.com": password}, heartbeat_seconds=0.5) as ews, \
-            MockApns(pki, topics=[app.topic], keys=keys, control_port=None) as apns:
+            MockApns(pki, topics=[topic], keys=keys, control_port=None) as apns:
         endpoint = {"host": "127.0.0.1", "port": apns.port, "ca_file": str(apns.ca_file)}
 
         def config() -> Config:

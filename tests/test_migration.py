@@ -22,15 +22,15 @@ from bemsmail.app import Node
 from bemsmail.config import Config, ConfigError, load_config
 from bemsmail.core.model import Backend, EventKind, MailboxEvent
 from bemsmail.core.relay import Deduper
-from bemsmail.devconfig import graph_section, write_dev_config
-from bemsmail.mocks.apns import MockApns, load_provider_key
+from bemsmail.devconfig import graph_section
+from bemsmail.mocks.apns import MockApns
 from bemsmail.mocks.ews import MockExchange
 from bemsmail.mocks.graph import Fault, GraphApp, MockGraph
 from bemsmail.mocks.tls import ensure_test_pki
 from bemsmail.sources.ews.source import EwsSource
 from bemsmail.sources.migration import MigratingSource, ews_id, rest_id, rest_id_sink
 from tests.graph_support import CLIENT_ID, TENANT_ID, register, started
-from tests.support import free_port, until
+from tests.support import dev_config_with_apns_key, free_port, until
 
 ALICE = "alice@example.com"
 USERS = [f"user{i}@example.com" for i in range(5)]
@@ -82,11 +82,8 @@ class World:
 @contextlib.asynccontextmanager
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     path = tmp_path / "bemsmail.toml"
-    write_dev_config(path)
+    topic, keys = dev_config_with_apns_key(path)
     password = (tmp_path / "secrets" / "ews-password").read_text().strip()
-    app = load_config(path, {}).apns.apps[0]
-    assert app.key_file is not None and app.key_id and app.team_id
-    keys = [load_provider_key(app.key_id, app.team_id, app.key_file)]
     pki = ensure_test_pki(tmp_path / "pki")
     port = free_port()
     graph_secret = secrets.token_urlsafe(24)
@@ -95,7 +92,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     async with MockExchange(auth="basic", users={"svc-bemsmail@example.com": password},
                             heartbeat_seconds=0.5) as ews, \
             MockGraph(pki, [], retry_seconds=0.2) as graph, \
-            MockApns(pki, topics=[app.topic], keys=keys, control_port=None) as apns:
+            MockApns(pki, topics=[topic], keys=keys, control_port=None) as apns:
         graph.apps[CLIENT_ID] = GraphApp(TENANT_ID, CLIENT_ID, graph_secret)
         tenant = f'''[[tenants]]
 name = "example"

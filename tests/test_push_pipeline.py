@@ -16,12 +16,11 @@ import pytest
 from bemsmail.app import Node
 from bemsmail.config import load_config
 from bemsmail.core.model import EventKind, MailboxEvent, Platform, RegistrationInput
-from bemsmail.devconfig import write_dev_config
-from bemsmail.mocks.apns import Answer, MockApns, load_provider_key
+from bemsmail.mocks.apns import Answer, MockApns
 from bemsmail.mocks.fcm import FcmMock, fcm_error, hang
 from bemsmail.mocks.tls import ensure_test_pki
 from bemsmail.store.schema import migrate
-from tests.support import ANDROID_APP, ANDROID_TOKEN, IOS_APP, IOS_TOKEN, free_port, until
+from tests.support import ANDROID_APP, ANDROID_TOKEN, IOS_APP, IOS_TOKEN, dev_config_with_apns_key, free_port, until
 
 ALICE = "alice@example.com"
 
@@ -45,12 +44,9 @@ class Pipeline:
 @pytest.fixture
 async def pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
     path = tmp_path / "bemsmail.toml"
-    write_dev_config(path)
-    app = load_config(path, {}).apns.apps[0]
-    assert app.key_file is not None and app.key_id and app.team_id
-    keys = [load_provider_key(app.key_id, app.team_id, app.key_file)]
+    topic, keys = dev_config_with_apns_key(path)
     pki = ensure_test_pki(tmp_path / "pki")
-    async with FcmMock() as fcm, MockApns(pki, topics=[app.topic], keys=keys, control_port=None) as apns:
+    async with FcmMock() as fcm, MockApns(pki, topics=[topic], keys=keys, control_port=None) as apns:
         endpoint = {"host": "127.0.0.1", "port": apns.port, "ca_file": str(apns.ca_file)}
         config = load_config(path, {
             "BEMSMAIL_SERVER__PORT": str(free_port()),
