@@ -1,4 +1,4 @@
-"""The `bemsmail` command: serve, migrate, check-config, init, hash-api-key, mock."""
+"""The `bemsmail` command: serve, migrate, check-config, init, hash-api-key, mock, demo, loadtest."""
 
 from __future__ import annotations
 
@@ -225,6 +225,26 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    """The load test parses its own options: `bemsmail loadtest --help`."""
+    from bemsmail.loadtest.run import main as loadtest
+
+    code: int = loadtest(args.options)
+    return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo parses its own options: `bemsmail demo --help`."""
+    from bemsmail.loadtest.demo import main as demo
+
+    code: int = demo(args.options)
+    return code
+
+
+# Commands that parse their own options (argparse's REMAINDER does not take a leading --option).
+OWN_OPTIONS = {"demo": cmd_demo, "loadtest": cmd_loadtest}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bemsmail", description="Mail push relay for Exchange and Exchange Online.")
     parser.add_argument("--version", action="version", version=f"bemsmail {__version__}")
@@ -255,10 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("provider", choices=sorted(MOCKS))
     mock.add_argument("options", nargs=argparse.REMAINDER, help="the mock's own options (see its --help)")
     mock.set_defaults(func=cmd_mock)
+    for name, text in (("demo", "the whole relay on this machine: mocks, a daemon, live pushes"),
+                       ("loadtest", "measure a deployment end to end through the mocks")):
+        sub.add_parser(name, help=f"{text} (see bemsmail {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in OWN_OPTIONS:
+        return OWN_OPTIONS[argv[0]](argparse.Namespace(options=argv[1:]))
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

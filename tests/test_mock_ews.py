@@ -708,7 +708,7 @@ async def test_many_subscriptions_on_one_stream(mock: MockExchange, soap: Soap) 
     sids = await asyncio.gather(*(subscribe(m) for m in mailboxes))
     reader = await soap.open_stream(sids, impersonate=mailboxes[0], minutes=30)
     await wait_for(lambda: mock.stats.open_streams == 1, what="the stream")
-    assert mock.create_mails(mailboxes) == 200
+    assert len(mock.create_mails(mailboxes)) == 200
     seen: set[str] = set()
     while len(seen) < 200:
         doc = await reader.next_matching(has_notifications)
@@ -728,7 +728,8 @@ async def test_control_api(mock: MockExchange, soap: Soap) -> None:
         ids = (await r.json())["item_ids"]
     assert len(ids) == 2
     async with session.post(f"{base}/mail/bulk", json={"mailboxes": [BOB, "carl@example.com"]}) as r:
-        assert (await r.json()) == {"created": 2}
+        bulk = await r.json()
+    assert bulk["created"] == 2 and len(set(bulk["item_ids"])) == 2
     async with session.post(f"{base}/mail", json={"mailbox": "x@not-served.test"}) as r:
         assert r.status == 400
     async with session.post(f"{base}/fault", json={"operation": "Subscribe", "code": "ErrorServerBusy",
@@ -771,7 +772,7 @@ async def test_one_mail_in_each_of_100000_mailboxes_stays_compact() -> None:
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
-            assert mock.create_mails(names, subject="load") == count
+            assert len(mock.create_mails(names, subject="load")) == count
             used = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()

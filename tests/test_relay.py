@@ -145,7 +145,7 @@ async def test_a_burst_coalesces_into_one_more_push_with_the_latest_badge(harnes
     await settle()
     assert len(harness.dispatch.messages) == 2
     last = harness.dispatch.messages[-1]
-    assert last.badge == 4 and last.data["count"] == "3"
+    assert last.badge == 4 and last.data["count"] == "3" and last.data["item_id"] == "item-4"  # the newest
     await harness.clock.advance(5)
     assert harness.relay.open_windows == 0
 

@@ -341,7 +341,10 @@ class Relay:
                 and self._policy.rich_content(registration.mailbox)):
             rich = RichContent(latest.sender, latest.subject, latest.importance)
         category = Category.MEETING_REQUEST if latest.kind is EventKind.MEETING_REQUEST else Category.NEW_MAIL
-        data = {"account": registration.mailbox, "folder": latest.folder, "count": str(len(alerting) or len(events))}
+        # item_id: the newest message the push is about, so a tap can open it (and a load test can match it);
+        # an opaque store id, no content
+        data = {"account": registration.mailbox, "folder": latest.folder, "count": str(len(alerting) or len(events)),
+                "item_id": latest.item_id}
         return PushMessage(
             registration_id=registration.id,
             mailbox=registration.mailbox,

@@ -8,7 +8,8 @@ once per exact string) so one mock process is not the bottleneck of a load test.
 In-process: ``async with MockApns(cert_dir, topics=[...], keys=[...]) as mock: ...`` (port 0 picks free ports).
 As a process: ``python -m bemsmail.mocks.apns --cert-dir DIR --topic T --key-id K --team-id T --public-key-file F``
 prints one JSON line with its ports when ready and serves until SIGTERM/SIGINT. The control API (plain HTTP/1.1):
-``POST /mock/script``, ``GET /mock/stats``, ``GET /mock/requests?limit=N``, ``POST /mock/reset``.
+``POST /mock/script``, ``GET /mock/stats``, ``GET /mock/requests?limit=N``, ``GET /mock/received?after=N`` (every
+push after the N-th, for load tests), ``POST /mock/reset``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hpack import Encoder, NeverIndexedHeaderTuple
 
+from bemsmail.mocks.feed import MAX_PAGE, parse_cursor, rows_after
 from bemsmail.mocks.tls import TestPki, ensure_test_pki
 
 MAX_PAYLOAD = 4096
@@ -471,6 +473,7 @@ class MockApns:
         self._port = port
         self._control_port = control_port
         self._history: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=history)
+        self._recorded = 0  # requests ever put in the history: the numbering GET /mock/received follows
         self._apns_ids: set[bytes] = set()
         self._jwt_cache: dict[bytes, tuple[str, float]] = {}
         self._connections: dict[int, _Connection] = {}
@@ -514,6 +517,7 @@ class MockApns:
             app.router.add_get("/mock/script", self._h_get_script)
             app.router.add_get("/mock/stats", self._h_stats)
             app.router.add_get("/mock/requests", self._h_requests)
+            app.router.add_get("/mock/received", self._h_received)
             app.router.add_post("/mock/reset", self._h_reset)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
@@ -607,6 +611,21 @@ class MockApns:
         if limit is not None:
             rows = rows[-limit:] if limit > 0 else []
         return [self._decode(row) for row in rows]
+
+    def received(self, after: int = 0, limit: int = MAX_PAGE) -> dict[str, Any]:
+        """What arrived after request number `after`, in the shape a load test follows (see mocks.feed): each
+        push's token, status, reason, arrival time and custom data (the payload's keys but "aps")."""
+        start, rows = rows_after(self._history, self._recorded, after, limit)
+        pushes = []
+        for _headers, body, token, status, reason, apns_id, _conn, _auth, at in rows:
+            try:
+                payload = json.loads(body) if body else None
+            except ValueError:
+                payload = None
+            data = {k: v for k, v in payload.items() if k != "aps"} if isinstance(payload, dict) else {}
+            pushes.append({"token": token, "status": status, "reason": reason, "at": at, "data": data,
+                           "id": apns_id.decode()})
+        return {"after": start, "next": start + len(rows), "total": self._recorded, "pushes": pushes}
 
     @staticmethod
     def _decode(row: tuple[Any, ...]) -> RecordedRequest:
@@ -752,6 +771,7 @@ class MockApns:
             stats.distinct_apns_ids += 1
         self._history.append((request.headers, request.body, token, status, reason, apns_id, conn, auth,
                               time.time()))
+        self._recorded += 1
         if self._watchers:
             self._wake_watchers()
 
@@ -801,6 +821,13 @@ class MockApns:
         except ValueError:
             return web.json_response({"error": "limit must be an integer"}, status=400)
         return web.json_response([asdict(r) for r in self.recent(limit)])
+
+    async def _h_received(self, request: web.Request) -> web.Response:
+        try:
+            after, limit = parse_cursor(request.query)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(self.received(after, limit))
 
     async def _h_reset(self, request: web.Request) -> web.Response:
         data: Any = {}

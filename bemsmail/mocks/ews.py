@@ -10,7 +10,7 @@ Routes (one port, plain HTTP/1.1):
 - ``POST /autodiscover/autodiscover.svc``: SOAP Autodiscover ``GetUserSettings`` for one or more users.
 - ``/_mock/...``: the control API, JSON in and out, the same as the Python methods:
   ``POST /_mock/mail`` {mailbox, subject?, sender?, importance?, item_class?, folder?, count?} → {"item_ids": [...]};
-  ``POST /_mock/mail/bulk`` {"mailboxes": [...], subject?, ...} (one mail each) → {"created": n};
+  ``POST /_mock/mail/bulk`` {"mailboxes": [...], subject?, ...} (one mail each) → {"created": n, "item_ids": [...]};
   ``POST /_mock/read`` {mailbox, item_id}; ``POST /_mock/folder`` {mailbox, name, parent?} → {"folder_id"};
   ``POST /_mock/fault`` {operation, code, times?, back_off_ms?, http_status?, mailbox?};
   ``POST /_mock/expire`` {subscription_ids?} → {"expired": n}; ``POST /_mock/drop-streams`` → {"dropped": n};
@@ -1202,16 +1202,15 @@ class MockExchange:
             mb.seq += 3  # the same sequence numbers the events would have taken
         return self._item_id(mb, item)
 
-    def create_mails(self, mailboxes: Iterable[str], **fields: Any) -> int:
-        """One mail in each mailbox (for load tests); returns how many."""
+    def create_mails(self, mailboxes: Iterable[str], **fields: Any) -> list[str]:
+        """One mail in each mailbox (for load tests); returns their item ids, in order."""
         names = list(mailboxes)
 
-        def run() -> int:
-            for name in names:
-                self._create_mail(name, fields.get("subject", "Hello"), fields.get("sender", "alice@example.org"),
-                                  fields.get("importance", "Normal"), fields.get("item_class", "IPM.Note"),
-                                  fields.get("folder", "inbox"), None)
-            return len(names)
+        def run() -> list[str]:
+            return [self._create_mail(name, fields.get("subject", "Hello"), fields.get("sender", "alice@example.org"),
+                                      fields.get("importance", "Normal"), fields.get("item_class", "IPM.Note"),
+                                      fields.get("folder", "inbox"), None)
+                    for name in names]
 
         return self._on_loop(run)
 
@@ -2505,10 +2504,10 @@ class MockExchange:
             if not isinstance(mailboxes, list):
                 raise ValueError("mailboxes must be a list")
             fields = {k: str(data[k]) for k in ("subject", "sender", "importance", "item_class", "folder") if k in data}
-            created = self.create_mails([str(m) for m in mailboxes], **fields)
+            item_ids = self.create_mails([str(m) for m in mailboxes], **fields)
         except (ValueError, KeyError, TypeError) as exc:
             return self._bad(exc)
-        return web.json_response({"created": created})
+        return web.json_response({"created": len(item_ids), "item_ids": item_ids})
 
     async def _http_read(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -12,7 +12,8 @@ Routes (one port, plain HTTP/1.1, as firebase-admin speaks to a cleartext endpoi
 - ``GET /v1/projects/-/serviceAccounts/{email}/allowedLocations``: google-auth's Regional Access Boundary
   lookup, answered with "no boundary" (google-auth hard-codes iamcredentials.googleapis.com, so this only helps a
   client routed here by a proxy).
-- ``/mock/...``: the control API (script, stats, requests, revoke, reset), the same as the Python methods.
+- ``/mock/...``: the control API (script, stats, requests, received?after=N for load tests, revoke,
+  reset), the same as the Python methods.
 
 The payload size FCM limits is measured here, and in the sender, as the compact UTF-8 JSON of the ``message``
 object without its target field.
@@ -46,6 +47,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+
+from bemsmail.mocks.feed import MAX_PAGE, parse_cursor, rows_after
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -472,6 +475,7 @@ class FcmMock:
         self._oauth = _Script()
         self._stats = _Stats()
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep_requests)
+        self._recorded = 0  # send requests ever recorded: the numbering GET /mock/received follows
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
@@ -487,6 +491,7 @@ class FcmMock:
         app.router.add_post("/mock/script", self._http_script)
         app.router.add_get("/mock/stats", self._http_stats)
         app.router.add_get("/mock/requests", self._http_requests)
+        app.router.add_get("/mock/received", self._http_received)
         app.router.add_post("/mock/reset", self._http_reset)
         app.router.add_post("/mock/revoke", self._http_revoke)
         app.router.add_get("/mock/health", self._http_health)
@@ -605,6 +610,18 @@ class FcmMock:
         recent = list(self._recent)
         return recent[-limit:] if limit else recent
 
+    def received(self, after: int = 0, limit: int = MAX_PAGE) -> dict[str, Any]:
+        """What arrived after send number `after`, in the shape a load test follows (see mocks.feed): each
+        send's token, status, outcome, arrival time and data map."""
+        start, rows = rows_after(self._recent, self._recorded, after, limit)
+        pushes = []
+        for row in rows:
+            message = row["body"].get("message") if isinstance(row["body"], dict) else None
+            data = message.get("data") if isinstance(message, dict) else None
+            pushes.append({"token": row["token"], "status": row["status"], "reason": row["outcome"],
+                           "at": row["at"], "data": data if isinstance(data, dict) else {}})
+        return {"after": start, "next": start + len(rows), "total": self._recorded, "pushes": pushes}
+
     # --- the send endpoint: the hot path ---------------------------------------------------------------------
 
     def _record(self, outcome: str, project: str, token: str | None, status: int, raw: bytes,
@@ -622,6 +639,7 @@ class FcmMock:
             "at": time.time(), "project": project, "token": token, "outcome": outcome, "status": status,
             "auth": auth, "raw": text, "utf8": utf8, "body": body,
         })
+        self._recorded += 1
 
     def _check_auth(self, header: str | None, project: str) -> tuple[str, web.Response | None]:
         if not header or not header.startswith("Bearer "):
@@ -832,6 +850,13 @@ class FcmMock:
         limit = request.query.get("limit")
         return web.json_response(self.requests(int(limit) if limit and limit.isdigit() else None))
 
+    async def _http_received(self, request: web.Request) -> web.StreamResponse:
+        try:
+            after, limit = parse_cursor(request.query)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(self.received(after, limit))
+
     async def _http_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         return web.json_response({"ok": True})
@@ -879,9 +904,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="service-account JSON whose key must have signed the token assertions (repeatable)")
     parser.add_argument("--token-lifetime", type=int, default=3599, help="expires_in of issued access tokens")
     parser.add_argument("--no-auth", action="store_true", help="accept sends without a valid access token")
+    parser.add_argument("--history", type=int, default=100,
+                        help="send requests kept for GET /mock/requests and /mock/received")
     args = parser.parse_args(argv)
     mock = FcmMock(args.host, args.port, latency_ms=args.latency_ms, service_accounts=args.service_account,
-                   token_lifetime=args.token_lifetime, require_auth=not args.no_auth)
+                   token_lifetime=args.token_lifetime, require_auth=not args.no_auth, keep_requests=args.history)
 
     async def serve() -> None:
         stop = asyncio.Event()
