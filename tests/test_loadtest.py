@@ -4,6 +4,7 @@ deployment of real processes (the four mocks and a daemon)."""
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from bemsmail.loadtest.local import LocalDeployment
 from bemsmail.loadtest.plan import Backend, Shape, make_plan
-from bemsmail.loadtest.report import Mail, Received, markdown, match, parse_received, percentile, summarize
+from bemsmail.loadtest.report import Mail, Received, match, parse_received, percentile, summarize
 from bemsmail.mocks.feed import parse_cursor, rows_after
 
 # --- the plan ---------------------------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def test_a_plan_spreads_backends_and_platforms_by_share_and_spaces_each_mailboxs
     times: dict[int, list[float]] = collections.defaultdict(list)
     for at, index in plan.mails:
         times[index].append(at)
-    assert all(b - a == pytest.approx(2.0) for ts in times.values() for a, b in zip(ts, ts[1:], strict=False))
+    assert all(b - a == pytest.approx(2.0) for ts in times.values() for a, b in itertools.pairwise(ts))
 
 
 def test_a_burst_is_all_at_once_and_tokens_pass_the_apis_checks() -> None:
