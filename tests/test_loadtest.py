@@ -25,8 +25,9 @@ def test_a_plan_spreads_backends_and_platforms_by_share_and_spaces_each_mailboxs
                            duration=6), ews_domain="example.com", graph_domain="contoso.com")
     assert plan.count(Backend.GRAPH) == 3 and plan.count(Backend.EWS) == 7
     assert all(m.address.endswith("@contoso.com") == (m.backend is Backend.GRAPH) for m in plan.mailboxes)
-    platforms = collections.Counter(d.platform for d in plan.devices)
-    assert platforms == {"android": 5, "ios": 15}
+    platforms = collections.Counter((m.backend, d.platform) for m in plan.mailboxes for d in m.devices)
+    assert platforms == {(Backend.EWS, "android"): 3, (Backend.EWS, "ios"): 11, (Backend.GRAPH, "android"): 1,
+                         (Backend.GRAPH, "ios"): 5}
     assert len({d.token for d in plan.devices}) == 20
     assert len(plan.mails) == 30 and plan.expected_pushes == 60
     # round-robin: a mailbox's next mail comes a whole round (mailboxes / rate = 2 s) later
@@ -141,6 +142,9 @@ def test_a_local_load_test_over_both_backends_and_platforms_loses_nothing(tmp_pa
     assert result["delivered"] == 240 and result["lost"] == 0 and result["duplicates"] == 0
     assert result["options"]["ews_mailboxes"] == 30 and result["options"]["android_devices"] == 60
     assert result["latency_ms"]["p99"] is not None
+    assert {name: row["pushes"] for name, row in result["by_path"].items()} == {
+        "ews→ios": 60, "ews→android": 60, "graph→ios": 60, "graph→android": 60}
+    assert set(result["cpu_seconds"]) == {"bemsmail", "mock-ews", "mock-graph", "mock-apns", "mock-fcm"}
     saved = json.loads((out / "result.json").read_text())
     assert saved["delivered"] == 240 and sum(s["pushes"] for s in saved["timeline"]) == 240
     assert (out / "loadtest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

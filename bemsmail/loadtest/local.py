@@ -104,6 +104,15 @@ class Process:
         return self.proc.returncode
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a live process (Linux /proc); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -213,6 +222,11 @@ backend = "graph"
                 pass
             time.sleep(0.2)
         raise StartFailed(f"the daemon was not ready within {START_SECONDS:.0f} s:\n{self.daemon.tail()}")
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds each process has used so far (empty where /proc is not there)."""
+        found = {p.name: cpu_seconds(p.proc.pid) for p in self.processes}
+        return {name: value for name, value in found.items() if value is not None}
 
     def stop(self) -> None:
         """The daemon first (it drains into the mocks), then the mocks."""

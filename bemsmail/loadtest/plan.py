@@ -78,15 +78,17 @@ def make_plan(shape: Shape, *, ews_domain: str, graph_domain: str, run_id: str |
     rng = random.Random(shape.seed)  # noqa: S311 - a repeatable order, not a secret
     boxes: list[Mailbox] = []
     device_no = 0
+    per_backend = dict.fromkeys(Backend, 0)  # platforms are spread within each backend, so both get both
     for n in range(shape.mailboxes):
-        backend = Backend.GRAPH if _picked(n, shape.mailboxes, shape.graph_share) else Backend.EWS
+        backend = Backend.GRAPH if _picked(n, shape.graph_share) else Backend.EWS
         address = f"lt{n:06d}@{graph_domain if backend is Backend.GRAPH else ews_domain}"
         devices = []
         for d in range(shape.devices_per_mailbox):
-            android = _picked(device_no, shape.mailboxes * shape.devices_per_mailbox, shape.android_share)
+            android = _picked(per_backend[backend], shape.android_share)
+            per_backend[backend] += 1
+            platform = "android" if android else "ios"
             token = android_token(run, device_no) if android else ios_token(run, device_no)
-            devices.append(Device(address, f"lt-{'android' if android else 'ios'}-{d}", "android" if android
-                                  else "ios", token))
+            devices.append(Device(address, f"lt-{platform}-{d}", platform, token))
             device_no += 1
         boxes.append(Mailbox(address, backend, tuple(devices)))
     order = list(range(len(boxes)))
@@ -99,6 +101,6 @@ def make_plan(shape: Shape, *, ews_domain: str, graph_domain: str, run_id: str |
     return Plan(run, tuple(boxes), mails)
 
 
-def _picked(n: int, total: int, share: float) -> bool:
-    """Whether item n of total falls in the first `share` by an even spread (Bresenham), e.g. every other one."""
-    return int((n + 1) * share) > int(n * share) if total else False
+def _picked(n: int, share: float) -> bool:
+    """Whether item n is picked when `share` of the items are, spread evenly (e.g. every other one at 0.5)."""
+    return int((n + 1) * share) > int(n * share)

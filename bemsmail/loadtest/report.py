@@ -114,10 +114,15 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
-def summarize(matched: Matched, mails: Sequence[Mail], started: float, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The result document: options, latency percentiles, throughput, lost and duplicates, and a per-second
-    timeline (mails created, pushes delivered, latency p50/p99 of the mails created in that second)."""
+def summarize(matched: Matched, mails: Sequence[Mail], started: float, options: Mapping[str, Any],
+              paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The result document: options, latency percentiles, throughput, lost and duplicates, latency by path
+    (`paths` names each device token's path, e.g. "ews→ios"), and a per-second timeline (mails created, pushes
+    delivered, latency p50/p99 of the mails created in that second)."""
     latencies = sorted(d.latency_ms for d in matched.deliveries)
+    by_path: dict[str, list[float]] = defaultdict(list)
+    for d in matched.deliveries:
+        by_path[(paths or {}).get(d.token, "all")].append(d.latency_ms)
     created = [m.created_at for m in mails]
     arrivals = sorted(d.created_at + d.latency_ms / 1000 for d in matched.deliveries)
     span = (max(created) - min(created)) if len(created) > 1 else 0.0
@@ -145,11 +150,17 @@ def summarize(matched: Matched, mails: Sequence[Mail], started: float, options: 
         "foreign_pushes": matched.foreign,
         "mail_rate": round(len(mails) / span, 1) if span else None,
         "push_rate": round(len(arrivals) / push_span, 1) if push_span else None,
-        "latency_ms": {name: _round(percentile(latencies, q)) for name, q in
-                       (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
+        "latency_ms": _percentiles(latencies),
+        "by_path": {name: {"pushes": len(values), **_percentiles(sorted(values))}
+                    for name, values in sorted(by_path.items())},
         "missing_sample": [{"item_id": i, "device": f"…{t[-6:]}"} for i, t in matched.missing[:10]],
         "timeline": seconds,
     }
+
+
+def _percentiles(ordered: Sequence[float]) -> dict[str, float | None]:
+    return {name: _round(percentile(ordered, q)) for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99),
+                                                                  ("max", 1.0))}
 
 
 def _round(value: float | None) -> float | None:
@@ -190,6 +201,15 @@ def markdown(result: Mapping[str, Any], plot_name: str | None) -> str:
         f"| latency p50 / p95 / p99 / max | {_fmt(lat['p50'])} / {_fmt(lat['p95'])} / **{_fmt(lat['p99'])}** / "
         f"{_fmt(lat['max'])} ms |",
         f"| non-200 answers from the mocks | {result['refused_answers']:,} |",
+    ]
+    if len(result.get("by_path", {})) > 1:
+        lines += ["", "| path | pushes | p50 ms | p95 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {row['pushes']:,} | {_fmt(row['p50'])} | {_fmt(row['p95'])} | {_fmt(row['p99'])} | "
+                  f"{_fmt(row['max'])} |" for name, row in result["by_path"].items()]
+    if result.get("cpu_seconds"):
+        lines += ["", "CPU seconds used during the mail phase: " + ", ".join(
+            f"{name} {value:.1f}" for name, value in result["cpu_seconds"].items()) + "."]
+    lines += [
         "",
         "Latency is end to end: from just before the mail was created in the mock Exchange or mock Graph to the "
         "moment the mock APNs or FCM received the push, matched by the mail's item id in the push's data.",

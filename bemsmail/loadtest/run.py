@@ -9,7 +9,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,8 +44,10 @@ DUPLICATE_GRACE_SECONDS = 2.0
 
 
 async def measure(target: Target, plan: Plan, *, console: Console, setup_limit: float, drain_limit: float,
-                  options: dict[str, Any]) -> tuple[dict[str, Any], list[Delivery], float]:
-    """The whole run against `target`: the result document, every delivery, and when the first mail was made."""
+                  options: dict[str, Any], cpu: Callable[[], dict[str, float]] = dict,
+                  ) -> tuple[dict[str, Any], list[Delivery], float]:
+    """The whole run against `target`: the result document, every delivery, and when the first mail was made.
+    `cpu` reads the CPU seconds of the processes worth watching (a local deployment's)."""
     mails: list[Mail] = []
     received: list[dict[str, Any]] = []
     devices = {m.address: [d.token for d in m.devices] for m in plan.mailboxes}
@@ -69,6 +71,7 @@ async def measure(target: Target, plan: Plan, *, console: Console, setup_limit: 
                 mails.extend(batch)
                 progress.advance(mail_task, len(batch))
 
+            cpu_before = cpu()
             started = await driver.send_plan(plan, created)
             push_task = progress.add_task("pushes matched", total=plan.expected_pushes)
             deadline = time.monotonic() + drain_limit
@@ -79,12 +82,17 @@ async def measure(target: Target, plan: Plan, *, console: Console, setup_limit: 
                 if matched.lost == 0 or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
+            cpu_after = cpu()
             await asyncio.sleep(DUPLICATE_GRACE_SECONDS)  # a late second copy still counts as a duplicate
             await follower.stop()
     matched = match(mails, devices, parse_received(received))
     options = {**options, "registration_s": round(registered_s, 1), "watch_s": round(watched_s, 1),
                "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds")}
-    return summarize(matched, mails, started, options), matched.deliveries, started
+    paths = {d.token: f"{m.backend.value}→{d.platform}" for m in plan.mailboxes for d in m.devices}
+    result = summarize(matched, mails, started, options, paths)
+    result["cpu_seconds"] = {name: round(cpu_after[name] - value, 1) for name, value in cpu_before.items()
+                             if name in cpu_after}
+    return result, matched.deliveries, started
 
 
 def write_outputs(result: dict[str, Any], deliveries: list[Delivery], started: float, out_dir: Path,
@@ -115,6 +123,9 @@ def print_table(result: dict[str, Any], console: Console) -> None:
             ("duplicates", f"{result['duplicates']:,}"), ("mail rate /s", str(result["mail_rate"])),
             ("push rate /s", str(result["push_rate"])),
             ("latency p50 / p95 / p99 / max ms", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']}")]
+    rows += [(f"  {name}: pushes, p50 / p99 ms", f"{row['pushes']:,}, {row['p50']} / {row['p99']}")
+             for name, row in result["by_path"].items()]
+    rows += [(f"CPU s during the mail phase: {name}", f"{value}") for name, value in result["cpu_seconds"].items()]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -230,8 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work = keep or Path(tmp)
                 history = max(20_000, 2 * len(make_plan(shape, ews_domain="x", graph_domain="y").devices))
                 console.print(f"starting the mocks and a daemon in {work} ...")
-                with LocalDeployment(work, history=history, ews_backends=max(4, args.mailboxes // 5000)) as local:
-                    result = _run(local, shape, out, console, args)
+                deployment = LocalDeployment(work, history=history, ews_backends=max(4, args.mailboxes // 5000))
+                with deployment as local_target:
+                    result = _run(target=local_target, shape=shape, out=out, console=console, args=args,
+                                  cpu=deployment.cpu)
         else:
             assert target is not None
             result = _run(target, shape, out, console, args)
@@ -248,13 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
 
 
-def _run(target: Target, shape: Shape, out: Path, console: Console, args: argparse.Namespace) -> dict[str, Any]:
+def _run(target: Target, shape: Shape, out: Path, console: Console, args: argparse.Namespace,
+         cpu: Callable[[], dict[str, float]] = dict) -> dict[str, Any]:
     plan = make_plan(shape, ews_domain=target.ews_domain, graph_domain=target.graph_domain)
     ios = sum(1 for d in plan.devices if d.platform == "ios")
     options = {**asdict(shape), "run_id": plan.run_id, "api_urls": list(target.api_urls), "local": args.local,
                "ews_mailboxes": plan.count(Backend.EWS), "graph_mailboxes": plan.count(Backend.GRAPH),
                "ios_devices": ios, "android_devices": len(plan.devices) - ios}
     result, deliveries, started = asyncio.run(measure(target, plan, console=console, setup_limit=args.setup_timeout,
-                                                      drain_limit=args.drain_timeout, options=options))
+                                                      drain_limit=args.drain_timeout, options=options,
+                                                      cpu=cpu))
     write_outputs(result, deliveries, started, out, plot=not args.no_plot)
     return result
