@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -42,11 +45,20 @@ def _scoped(pattern: re.Pattern[str]) -> str:
 # One search tells whether any scrubber can match: most strings in a log line (event names, routes, ids) are
 # clean, and one failed search is much cheaper than six failed substitutions.
 _ANY_SECRET_SHAPE = re.compile("|".join(_scoped(p) for p, _ in _SCRUBBERS))
+_SPACE = re.compile(r"\s")
+
+
+def _may_hold_secret(text: str) -> bool:
+    """False only if no scrubber can match: each needs one of these (in order: 64 hex digits; a JWT's "eyJ";
+    the ':' of a URL's password, of ":APA91" and of `token: …` (or its '='); the space after Bearer/ApiKey/Basic).
+    The combined search costs 4-8 µs on a 20-40 character word (its alternatives rescan it), these a fraction."""
+    return (len(text) >= 64 or "eyJ" in text or ":" in text or "=" in text
+            or _SPACE.search(text) is not None)
 
 
 def scrub(text: str) -> str:
     """Remove anything shaped like a credential or push token from free text."""
-    if not _ANY_SECRET_SHAPE.search(text):
+    if not _may_hold_secret(text) or not _ANY_SECRET_SHAPE.search(text):
         return text
     for pattern, replacement in _SCRUBBERS:
         text = pattern.sub(replacement, text)
@@ -89,6 +101,82 @@ def _scrub_rendered(_logger: Any, _method: str, event_dict: MutableMapping[str, 
     return event_dict
 
 
+#: set on a LogRecord whose message is an already rendered (and redacted) JSON line
+_RENDERED = "_bemsmail_rendered"
+
+
+class _Formatter(structlog.stdlib.ProcessorFormatter):
+    """The pipeline's formatter, which passes lines rendered by `EventLog` through as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, _RENDERED, False):
+            return str(record.msg)
+        return super().format(record)
+
+
+#: the structlog processors `configure_logging` installed with JSON output; None: console, or not configured
+_json_processors: list[Any] | None = None
+_TO_FORMATTER = structlog.stdlib.ProcessorFormatter.wrap_for_formatter
+
+
+class EventLog:
+    """One hot event (the canonical request line) written without the structlog pipeline, which costs ~70 µs
+    a line (two LogRecords, every key checked and scrubbed, caller lookup): about a seventh of a registration's
+    CPU at info level. The line has the same keys as the pipeline's (`fields`, event, the request id it is
+    given, logger, level, timestamp), string values are scrubbed and it goes to the same handlers as a stdlib
+    record. Fields with secret-shaped names are refused when the EventLog is made. With the console renderer,
+    or while structlog is configured otherwise (structlog.testing.capture_logs), the ordinary pipeline writes it.
+    """
+
+    def __init__(self, name: str, event: str, fields: tuple[str, ...]) -> None:
+        secret = [f for f in fields if _is_secret_key(f)]
+        if secret:
+            raise ValueError(f"fields with secret names go through the redacting pipeline: {secret}")
+        self._name = name
+        self._event = event
+        self._fields = fields
+        self._stdlib = logging.getLogger(name)
+        self._structlog = structlog.get_logger(name)
+        # the line as json.dumps renders the pipeline's event dict, with the constant parts rendered once
+        self._keys = [("{" if i == 0 else ", ") + _json_str(key) + ": " for i, key in enumerate(fields)]
+        self._event_part = ', "event": ' + _json_str(event) + ', "request_id": '
+        self._logger_part = ', "logger": ' + _json_str(name) + ', "level": '
+
+    def emit(self, level: int, request_id: str, *values: str | int | float) -> None:
+        """`values` in the order of `fields`; `request_id` as the pipeline's context would add it."""
+        if not self._stdlib.isEnabledFor(level):
+            return
+        processors = _json_processors
+        level_name = logging.getLevelName(level).lower()
+        # capture_logs swaps the processors inside the same list: the last one tells whether ours still run
+        if (processors is None or structlog.get_config()["processors"] is not processors
+                or processors[-1] is not _TO_FORMATTER):
+            method = getattr(self._structlog, level_name)
+            method(self._event, **dict(zip(self._fields, values, strict=True)), request_id=request_id)
+            return
+        parts = [key + _json_value(value) for key, value in zip(self._keys, values, strict=True)]
+        parts += (self._event_part, _json_str(scrub(request_id)), self._logger_part, _json_str(level_name),
+                  ', "timestamp": "', datetime.now(UTC).isoformat().replace("+00:00", "Z"), '"}')
+        record = logging.LogRecord(self._name, level, "", 0, "".join(parts), None, None)
+        setattr(record, _RENDERED, True)
+        self._stdlib.handle(record)
+
+
+#: json.dumps's own string encoder (ensure_ascii), in C
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _json_value(value: object) -> str:
+    """`value` as json.dumps renders it; strings scrubbed first."""
+    if isinstance(value, str):
+        return _json_str(scrub(value))
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value)
+
+
 def configure_logging(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -105,12 +193,14 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
     ]
+    global _json_processors
+    processors: list[Any] = [
+        structlog.stdlib.filter_by_level,
+        *shared,
+        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+    ]
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -123,12 +213,13 @@ def configure_logging(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
         final += [structlog.processors.format_exc_info, _scrub_rendered, renderer]
-    formatter = structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=final)
+    formatter = _Formatter(foreign_pre_chain=shared, processors=final)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _json_processors = structlog.get_config()["processors"] if json_logs else None
     # aiohttp's access log repeats what our request log line says, minus redaction: keep it quiet.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # Alembic announces its context on every schema check (each /readyz); `bemsmail migrate` reports itself.

@@ -7,9 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from bemsmail import log
 from bemsmail.log import REDACTED, configure_logging, scrub
@@ -69,3 +71,58 @@ def test_the_quick_precheck_never_lets_a_secret_shape_through(text: str) -> None
     for pattern, replacement in log._SCRUBBERS:
         slow = pattern.sub(replacement, slow)
     assert log.scrub(text) == slow
+
+
+def _pipeline_and_fast_lines(level: str, request_id: str, *values: str | int | float) -> tuple[dict[str, object], ...]:
+    """The same request line through the structlog pipeline and through EventLog, parsed."""
+    out = io.StringIO()
+    configure_logging("debug", "json", out)
+    fields = ("method", "route", "status", "duration_ms")
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        getattr(structlog.get_logger("bemsmail.api"), level)("request", **dict(zip(fields, values, strict=True)))
+        log.EventLog("bemsmail.api", "request", fields).emit(logging.getLevelName(level.upper()), request_id, *values)
+    finally:
+        structlog.contextvars.clear_contextvars()
+    return tuple(json.loads(line) for line in out.getvalue().splitlines())
+
+
+def test_the_cheap_request_line_says_what_the_pipeline_says() -> None:
+    for level in ("info", "debug"):
+        slow, fast = _pipeline_and_fast_lines(level, "r-1", "POST", "/api/v1/registrations", 201, 1.23)
+        assert slow.pop("timestamp") <= fast.pop("timestamp")  # type: ignore[operator]
+        assert fast == slow and list(fast) == list(slow)
+        assert fast["level"] == level and fast["request_id"] == "r-1"
+
+
+def test_the_cheap_request_line_scrubs_and_refuses_secret_fields() -> None:
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
+    slow, fast = _pipeline_and_fast_lines("info", IOS_TOKEN, f"Bearer {jwt}", "/x", 401, 0.5)
+    for line in (slow, fast):
+        assert line["request_id"] == REDACTED and IOS_TOKEN not in json.dumps(line) and jwt not in json.dumps(line)
+    assert fast["method"] == slow["method"]
+    with pytest.raises(ValueError, match="secret"):
+        log.EventLog("bemsmail.api", "request", ("route", "token"))
+
+
+def test_the_cheap_request_line_follows_the_level_and_a_reconfigured_structlog() -> None:
+    out = io.StringIO()
+    configure_logging("warning", "json", out)
+    line = log.EventLog("bemsmail.api", "request", ("status",))
+    line.emit(logging.INFO, "r-1", 200)
+    assert out.getvalue() == ""
+    configure_logging("info", "json", out)
+    with capture_logs() as captured:  # structlog configured otherwise: the ordinary pipeline takes the event
+        line.emit(logging.INFO, "r-2", 200)
+    assert captured == [{"event": "request", "status": 200, "request_id": "r-2", "log_level": "info"}]
+    assert out.getvalue() == ""
+    line.emit(logging.INFO, "r-3", 200)
+    assert json.loads(out.getvalue())["request_id"] == "r-3"
+
+
+def test_console_logs_take_the_request_line_through_the_renderer() -> None:
+    out = io.StringIO()
+    configure_logging("info", "console", out)
+    log.EventLog("bemsmail.api", "request", ("status",)).emit(logging.INFO, "r-1", 204)
+    text = out.getvalue()
+    assert "request" in text and "status=204" in text and "request_id=r-1" in text and not text.startswith("{")
