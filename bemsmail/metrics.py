@@ -27,6 +27,9 @@ log = structlog.get_logger(__name__)
 # `*_created` timestamps double the series count and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+#: labelled children kept per Metrics for the HTTP series (the method label is the client's: bound the cache)
+_MAX_HTTP_CHILDREN = 512
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -56,6 +59,9 @@ class Metrics:
             ["change"],
             registry=self.registry,
         )
+        # labels() costs more than the increment it leads to; the API answers thousands of requests a second
+        self._http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._change_children: dict[str, Counter] = {}
 
         self.pushes = Counter(
             "bemsmail_pushes_total",
@@ -97,6 +103,24 @@ class Metrics:
             "Bookkeeping writes of the relay that failed (and were retried or dropped).",
             ["operation"], registry=self.registry,
         )
+
+    def http_answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration (the labelled children are cached)."""
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(route, method, str(status)), self.http_latency.labels(route, method))
+            if len(self._http_children) < _MAX_HTTP_CHILDREN:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def registration_changed(self, change: str, count: int = 1) -> None:
+        """`change`: created, updated, deleted or moved."""
+        child = self._change_children.get(change)
+        if child is None:
+            child = self._change_children[change] = self.registration_changes.labels(change)
+        child.inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

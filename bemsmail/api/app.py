@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
@@ -17,6 +18,7 @@ from bemsmail.api.context import AUTH, MAX_BODY, METRICS, PRINCIPAL, REQUEST_ID,
 from bemsmail.api.problems import Problem, from_http_exception
 from bemsmail.core.ports import Store
 from bemsmail.core.registrations import RegistrationService
+from bemsmail.log import EventLog
 from bemsmail.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +53,8 @@ class InFlight:
 
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 log = structlog.get_logger("bemsmail.api")
+#: the canonical line per request, on the cheap path (the full pipeline cost a seventh of a registration's CPU)
+request_log = EventLog("bemsmail.api", "request", ("method", "route", "status", "duration_ms"))
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", openapi.PATH, ews_push.PATH, graph_webhook.PATH,
@@ -71,7 +75,8 @@ NOTIFICATION_ROUTES = frozenset({graph_webhook.PATH, graph_webhook.LIFECYCLE_PAT
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, one canonical log line, metrics, and problem documents for every error."""
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    # 32 random hex digits, as uuid4().hex gave, without building a UUID object
+    request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -93,13 +98,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers["X-Request-ID"] = request_id
         elapsed = time.perf_counter() - started
         route = _route_label(request)
-        metrics = request.app[METRICS]
-        metrics.http_requests.labels(route, request.method, str(response.status)).inc()
-        metrics.http_latency.labels(route, request.method).observe(elapsed)
+        status = response.status
+        request.app[METRICS].http_answered(route, request.method, status, elapsed)
         # Graph and Exchange post notifications thousands of times a second: their successes are debug lines
-        emit = log.debug if route in NOTIFICATION_ROUTES and response.status < 400 else log.info
-        emit("request", method=request.method, route=route, status=response.status,
-             duration_ms=round(elapsed * 1000, 2))
+        level = logging.DEBUG if route in NOTIFICATION_ROUTES and status < 400 else logging.INFO
+        request_log.emit(level, request_id, request.method, route, status, round(elapsed * 1000, 2))
         return response
     finally:
         in_flight.leave()

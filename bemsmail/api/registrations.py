@@ -75,9 +75,9 @@ async def upsert(request: web.Request) -> web.Response:
     except StoreConflict:
         raise _busy() from None
     metrics = request.app[METRICS]
-    metrics.registration_changes.labels("created" if result.created else "updated").inc()
+    metrics.registration_changed("created" if result.created else "updated")
     if result.displaced:
-        metrics.registration_changes.labels("moved").inc(len(result.displaced))
+        metrics.registration_changed("moved", len(result.displaced))
     out = RegistrationOut.of(result.registration)
     if result.created:
         return _json(out, 201, {"Location": f"{PREFIX}/registrations/{out.id}"})
@@ -156,7 +156,7 @@ async def patch_one(request: web.Request) -> web.Response:
         raise _busy() from None
     if updated is None:
         raise Problem(404, "not-found", "no registration with this id")
-    request.app[METRICS].registration_changes.labels("updated").inc()
+    request.app[METRICS].registration_changed("updated")
     return _json(RegistrationOut.of(updated))
 
 
@@ -168,7 +168,7 @@ async def delete_one(request: web.Request) -> web.Response:
         raise _busy() from None
     if deleted is None:
         raise Problem(404, "not-found", "no registration with this id")
-    request.app[METRICS].registration_changes.labels("deleted").inc()
+    request.app[METRICS].registration_changed("deleted")
     return web.Response(status=204)
 
 
