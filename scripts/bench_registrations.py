@@ -5,7 +5,14 @@ Starts `bemsmail serve` as its own process (as in production) on each database, 
 clients from this process, and prints a table and one JSON line. MariaDB is a throwaway server started here
 (Debian mariadb-server) with production durability (innodb_flush_log_at_trx_commit=1) unless --fast-disk.
 
+The daemon runs without mail sources by default (--sources none): registrations are checked, stored and published,
+and the Watcher reads each changed mailbox as always, but no EWS subscription is attempted. The dev config's EWS
+tenant points at a mock that is not running here, so with --sources config every new mailbox's Subscribe fails and
+is retried with back-off on exchangelib's threads: a third of the daemon's CPU that is neither registration work
+nor what a reachable Exchange would cost (bench_ews.py measures that).
+
     .venv/bin/python scripts/bench_registrations.py [--backends sqlite,mariadb] [--clients 100] [--seconds 20]
+    .venv/bin/python scripts/bench_registrations.py --compare ../baseline   # the same runs against another checkout
 """
 
 from __future__ import annotations
@@ -32,8 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from bench_push import cpu_seconds  # noqa: E402
+
 from bemsmail.devconfig import write_dev_config  # noqa: E402
 from bemsmail.devservices import free_port  # noqa: E402
+
+# `bemsmail serve` with no mail source built (--sources none); everything else is the real command.
+SERVE_WITHOUT_SOURCES = """
+import sys
+import bemsmail.app
+bemsmail.app.build_sources = lambda *args, **kwargs: {}
+from bemsmail.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 class LeanClient:
@@ -82,6 +100,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
     headers = {"X-API-Key": key, "Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    sent = 0
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
@@ -90,6 +109,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
     run = f"r{int(rate)}"  # each run registers new devices: the paced run must not only update the first's
 
     async def client(session: aiohttp.ClientSession, n: int) -> None:
+        nonlocal sent
         lean_client = LeanClient(port, key) if lean else None
         # Each client is a stream of app installs: a new device (and every second time a new mailbox) or the
         # re-registration of one of its recent devices (as apps do at launch), about half each.
@@ -117,6 +137,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
                     await resp.read()
                     status = resp.status
             t1 = time.perf_counter()
+            sent += 1
             if t0 >= measure_from:
                 latencies.append(t1 - t0)
                 statuses[status] = statuses.get(status, 0) + 1
@@ -131,6 +152,7 @@ async def drive(port: int, key: str, clients: int, seconds: float, warmup: float
     ok = statuses.get(200, 0) + statuses.get(201, 0)
     return {
         "requests": len(latencies),
+        "sent": sent,
         "ok": ok,
         "errors": len(latencies) - ok,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
@@ -159,7 +181,8 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("daemon not ready within 60 s")
 
 
-def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> list[dict[str, Any]]:
+def run_backend(name: str, args: argparse.Namespace, stack: ExitStack, tree: Path = ROOT) -> list[dict[str, Any]]:
+    """Every run on one backend against the daemon of `tree` (this checkout, or --compare's)."""
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
     config = work / "bemsmail.toml"
     key = write_dev_config(config)
@@ -175,15 +198,24 @@ def run_backend(name: str, args: argparse.Namespace, stack: ExitStack) -> list[d
         env["BEMSMAIL_DATABASE__URL"] = db.url
         env["BEMSMAIL_DATABASE__POOL_SIZE"] = str(args.pool)
         env["BEMSMAIL_DATABASE__MAX_OVERFLOW"] = "0"
+    # run from `tree`, so that its bemsmail package is the one imported (python -m / -c put the cwd first)
     bemsmail = [sys.executable, "-m", "bemsmail"]
-    subprocess.run([*bemsmail, "migrate", "--config", str(config)], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([*bemsmail, "serve", "--config", str(config)], env=env,
+    serve = [sys.executable, "-c", SERVE_WITHOUT_SOURCES] if args.sources == "none" else bemsmail
+    subprocess.run([*bemsmail, "migrate", "--config", str(config)], env=env, check=True, capture_output=True,
+                   cwd=tree)
+    proc = subprocess.Popen([*serve, "serve", "--config", str(config)], env=env, cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    label = "" if tree == ROOT else str(tree)
+    results = []
     try:
         wait_healthy(port, proc)
-        results = [{"backend": name, **asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup, rate,
-                                                         args.client == "lean"))}
-                   for rate in (0.0, *args.rates)]
+        for rate in (0.0, *args.rates):
+            load = os.getloadavg()[0]
+            cpu_before = cpu_seconds(proc.pid)
+            row = asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup, rate, args.client == "lean"))
+            # the daemon's CPU over the whole run (warm-up included) per answered request
+            row["daemon_cpu_per_request_us"] = round((cpu_seconds(proc.pid) - cpu_before) / max(1, row["sent"]) * 1e6)
+            results.append({"backend": name, "tree": label, "load_1min": round(load, 2), **row})
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -203,24 +235,36 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=20, help="MariaDB connection pool size")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (info logs every request)")
     parser.add_argument("--fast-disk", action="store_true", help="MariaDB with innodb_flush_log_at_trx_commit=2")
+    parser.add_argument("--sources", choices=["none", "config"], default="none",
+                        help="none: the daemon builds no mail source (see above); config: as the dev config says")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another checkout (e.g. a git worktree of the baseline): each backend is run against "
+                             "its daemon and this one's in turn, each on a fresh database")
     args = parser.parse_args()
 
+    trees = [ROOT] if args.compare is None else [args.compare.resolve(), ROOT]
+    load_start = os.getloadavg()[0]
     results = []
-    with ExitStack() as stack:
-        for name in args.backends.split(","):
-            results.extend(run_backend(name.strip(), args, stack))
+    for name in args.backends.split(","):
+        for tree in trees:
+            with ExitStack() as stack:  # a fresh database (and its server) per run
+                results.extend(run_backend(name.strip(), args, stack, tree))
+    load_end = os.getloadavg()[0]
 
     print(f"\nRegistration upserts: {args.clients} concurrent clients, {args.seconds:g} s measured after "
           f"{args.warmup:g} s warm-up, daemon log level {args.log_level}, "
           f"MariaDB durability {'flush=2' if args.fast_disk else 'flush=1 (default)'}, {os.cpu_count()} cores, "
-          f"{args.client} client, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'requests':>9} {'errors':>7}")
+          f"{args.client} client, mail sources: {args.sources}, "
+          f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end")
+    tree_width = max([4, *(len(r["tree"]) for r in results)])
+    print(f"{'tree':<{tree_width}} {'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'requests':>9} {'errors':>7} {'CPU/req':>8} {'load':>5}")
     for r in results:
-        print(f"{r['backend']:<9} {r['mode']:<14} {r['upserts_per_s']:>10.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-              f"{r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7}")
+        print(f"{r['tree'] or '.':<{tree_width}} {r['backend']:<9} {r['mode']:<14} {r['upserts_per_s']:>10.1f} "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7} "
+              f"{r['daemon_cpu_per_request_us']:>6} µs {r['load_1min']:>5.2f}")
     print(json.dumps({"benchmark": "registrations", "clients": args.clients, "seconds": args.seconds,
-                      "python": platform.python_version(), "results": results}))
+                      "sources": args.sources, "python": platform.python_version(), "results": results}))
 
 
 if __name__ == "__main__":
