@@ -144,7 +144,8 @@ def test_a_local_load_test_over_both_backends_and_platforms_loses_nothing(tmp_pa
     assert result["latency_ms"]["p99"] is not None
     assert {name: row["pushes"] for name, row in result["by_path"].items()} == {
         "ews→ios": 60, "ews→android": 60, "graph→ios": 60, "graph→android": 60}
-    assert set(result["cpu_seconds"]) == {"bemsmail", "mock-ews", "mock-graph", "mock-apns", "mock-fcm"}
+    assert set(result["cpu_seconds"]) == {"bemsmail", "mock-ews", "mock-graph", "mock-apns", "mock-fcm",
+                                     "loadtest"}
     saved = json.loads((out / "result.json").read_text())
     assert saved["delivered"] == 240 and sum(s["pushes"] for s in saved["timeline"]) == 240
     assert (out / "loadtest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

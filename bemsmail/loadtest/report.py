@@ -229,6 +229,7 @@ def write_plot(result: Mapping[str, Any], deliveries: Sequence[Delivery], starte
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, constrained_layout=True)
     xs = [d.created_at - started for d in deliveries]
@@ -241,12 +242,15 @@ def write_plot(result: Mapping[str, Any], deliveries: Sequence[Delivery], starte
              label="p99 per second")
     top.set_ylabel("mail → push latency (ms)")
     top.set_yscale("log")
+    top.yaxis.set_major_formatter(ScalarFormatter())
     top.legend(loc="upper right")
     lat = result["latency_ms"]
     top.set_title(f"{result['mails']:,} mails, {result['delivered']:,} pushes, lost {result['lost']}, "
                   f"duplicates {result['duplicates']}; p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms")
-    bottom.step([s["t"] for s in seconds], [s["mails"] for s in seconds], where="post", label="mails created/s")
-    bottom.step([s["t"] for s in seconds], [s["pushes"] for s in seconds], where="post", label="pushes received/s")
+    last = max((s["t"] for s in seconds if s["mails"]), default=0)
+    whole = [s for s in seconds if s["t"] <= last]  # the second the last push fell in is not a whole one
+    bottom.step([s["t"] for s in whole], [s["mails"] for s in whole], where="post", label="mails created/s")
+    bottom.step([s["t"] for s in whole], [s["pushes"] for s in whole], where="post", label="pushes received/s")
     bottom.set_xlabel("seconds since the first mail")
     bottom.set_ylabel("per second")
     bottom.legend(loc="upper right")

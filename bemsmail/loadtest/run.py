@@ -71,7 +71,7 @@ async def measure(target: Target, plan: Plan, *, console: Console, setup_limit: 
                 mails.extend(batch)
                 progress.advance(mail_task, len(batch))
 
-            cpu_before = cpu()
+            cpu_before = {**cpu(), "loadtest": time.process_time()}
             started = await driver.send_plan(plan, created)
             push_task = progress.add_task("pushes matched", total=plan.expected_pushes)
             deadline = time.monotonic() + drain_limit
@@ -82,7 +82,7 @@ async def measure(target: Target, plan: Plan, *, console: Console, setup_limit: 
                 if matched.lost == 0 or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
-            cpu_after = cpu()
+            cpu_after = {**cpu(), "loadtest": time.process_time()}
             await asyncio.sleep(DUPLICATE_GRACE_SECONDS)  # a late second copy still counts as a duplicate
             await follower.stop()
     matched = match(mails, devices, parse_received(received))
