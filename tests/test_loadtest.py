@@ -164,7 +164,7 @@ def test_a_load_test_drives_a_running_deployment_twice_counting_only_its_own_pus
                   "--no-plot"]
         for run, extra in enumerate((["--burst", "30"], ["--rate", "20", "--duration", "1"])):
             answer = bemsmail("loadtest", *common, *extra, "--seed", str(run), "--out", str(tmp_path / f"r{run}"))
-            assert answer.returncode == 0, answer.stderr[-3000:]
+            assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
             result = json.loads(answer.stdout.strip().splitlines()[-1])
             assert result["lost"] == 0 and result["duplicates"] == 0 and result["foreign_pushes"] == 0
             assert result["delivered"] == result["expected_pushes"] == result["mails"]
@@ -180,3 +180,33 @@ def test_the_demo_shows_both_backends_and_platforms_and_prunes_the_dead_token() 
     assert seen == {("EWS", "ios"), ("EWS", "android"), ("GRAPH", "ios"), ("GRAPH", "android")}
     assert any("bob-old-iphone" in line and "410 Unregistered" in line for line in answer.stdout.splitlines())
     assert "dead token pruned" in answer.stdout and "dead tokens pruned 1" in answer.stdout
+
+
+async def test_a_follower_read_from_two_places_at_once_hands_on_each_push_once() -> None:
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bemsmail.loadtest.driver import Follower
+
+    history: collections.deque[dict[str, object]] = collections.deque(maxlen=100)
+    total = 0
+
+    async def received(request: web.Request) -> web.Response:
+        after, limit = parse_cursor(request.query)
+        await asyncio.sleep(0.01)  # both readers are in flight at the same cursor
+        start, rows = rows_after(history, total, after, limit)
+        return web.json_response({"after": start, "next": start + len(rows), "total": total, "pushes": rows})
+
+    app = web.Application()
+    app.router.add_get("/mock/received", received)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        seen: list[object] = []
+        follower = Follower(session, [str(server.make_url("/mock/received"))], seen.extend)
+        for n in range(5):
+            history.append({"token": "t", "status": 200, "at": 1.0, "data": {"item_id": f"i{n}"}})
+            total += 1
+        await asyncio.gather(follower.poll(), follower.poll(), follower.poll())
+        assert len(seen) == 5

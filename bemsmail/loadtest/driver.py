@@ -242,6 +242,7 @@ class Follower:
         self._cursors = {f: 0 for f in feeds}
         self._on_received = on_received
         self._task: asyncio.Task[None] | None = None
+        self._reading = asyncio.Lock()  # two readers at one cursor would hand on the same page twice
         self.error: LoadTestError | None = None
 
     async def start(self) -> None:
@@ -251,6 +252,11 @@ class Follower:
         self._task = asyncio.create_task(self._run(), name="loadtest-follower")
 
     async def poll(self) -> None:
+        """Hand on everything received since the last poll (also called by the run to be sure it is current)."""
+        async with self._reading:
+            await self._poll()
+
+    async def _poll(self) -> None:
         for feed, cursor in self._cursors.items():
             while True:
                 page = await self._read(feed, cursor)
