@@ -38,7 +38,8 @@ class Pipeline:
 
     async def new_mail(self, n: int = 1, mailbox: str = ALICE) -> None:
         await self.node.relay.on_event(MailboxEvent(mailbox, "Inbox", f"item-{n}", EventKind.NEW_MAIL,
-                                                    datetime.now(UTC), unread_count=n))
+                                                    datetime.now(UTC), sender="boss@example.com",
+                                                    subject="Quarterly numbers", unread_count=n))
 
 
 @pytest.fixture
@@ -83,7 +84,8 @@ async def test_new_mail_reaches_every_device_of_the_mailbox(pipeline: Pipeline) 
     [android] = pipeline.fcm.requests()
     assert android["body"]["message"]["token"] == ANDROID_TOKEN
     text = json.dumps(ios.payload) + json.dumps(android["body"])
-    assert "item-" not in text  # content-free: nothing of the mail itself
+    assert "boss@" not in text and "Quarterly" not in text  # content-free: nothing of the mail itself, only
+    assert ios.payload["item_id"] == android["body"]["message"]["data"]["item_id"] == "item-3"  # its opaque id
 
 
 async def test_dead_tokens_are_deleted_on_both_providers(pipeline: Pipeline) -> None:

@@ -266,7 +266,7 @@ class PushMessage:
     badge: int | None = None
     sound: str | None = None
     rich: RichContent | None = None
-    #: sent to the app as data (strings only): the account hint, folder, event count
+    #: sent to the app as data (strings only): the account hint, folder, event count, newest item's id
     data: dict[str, str] = field(default_factory=dict)
 
 
