@@ -210,3 +210,26 @@ async def test_a_follower_read_from_two_places_at_once_hands_on_each_push_once()
             total += 1
         await asyncio.gather(follower.poll(), follower.poll(), follower.poll())
         assert len(seen) == 5
+
+
+async def test_a_follower_stops_the_run_when_the_mock_forgot_pushes_it_had_not_read() -> None:
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bemsmail.loadtest.driver import Follower, LoadTestError
+
+    history: collections.deque[dict[str, object]] = collections.deque(maxlen=3)
+    for n in range(8):  # 8 arrived, 3 kept
+        history.append({"token": "t", "status": 200, "at": 1.0, "data": {"item_id": f"i{n}"}})
+
+    async def received(request: web.Request) -> web.Response:
+        start, rows = rows_after(history, 8, *parse_cursor(request.query))
+        return web.json_response({"after": start, "next": start + len(rows), "total": 8, "pushes": rows})
+
+    app = web.Application()
+    app.router.add_get("/mock/received", received)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        follower = Follower(session, [str(server.make_url("/mock/received"))], lambda rows: None)
+        with pytest.raises(LoadTestError, match=r"forgot 5 pushes .* longer --history"):
+            await follower.poll()
