@@ -327,3 +327,32 @@ async def test_not_ready_without_schema(tmp_path: Path) -> None:
         assert resp.status == 503
         body = await resp.json()
         assert "bemsmail migrate" in body["checks"]["schema"]
+
+
+async def test_repeated_requests_count_on_the_same_series(api: Api) -> None:
+    """The labelled metric children are cached: every request still counts, on its own series."""
+    tokens = [f"{n}" * 64 for n in range(3)]
+    for n, token in enumerate(tokens):
+        await post(api, registration(device_id=f"dev-{n}", token=token))
+    await post(api, registration(device_id="dev-0", token=tokens[0]))
+    await post(api, registration(mailbox="nope"))
+    text = await (await api.client.get("/metrics")).text()
+    assert 'bemsmail_http_requests_total{method="POST",route="/api/v1/registrations",status="201"} 3.0' in text
+    assert 'bemsmail_http_requests_total{method="POST",route="/api/v1/registrations",status="200"} 1.0' in text
+    assert 'bemsmail_http_requests_total{method="POST",route="/api/v1/registrations",status="422"} 1.0' in text
+    assert 'bemsmail_http_request_duration_seconds_count{method="POST",route="/api/v1/registrations"} 5.0' in text
+    assert 'bemsmail_registration_changes_total{change="created"} 3.0' in text
+    assert 'bemsmail_registration_changes_total{change="updated"} 1.0' in text
+
+
+async def test_mailbox_validation_answers_the_same_from_its_cache(api: Api) -> None:
+    """Valid addresses are remembered (normalized as before); invalid ones are refused every time."""
+    for _ in range(2):
+        status, body, _ = await post(api, registration(mailbox=" Alice@Example.COM "))
+        assert status in (200, 201) and body["mailbox"] == "alice@example.com"
+    details = set()
+    for _ in range(2):
+        status, body, _ = await post(api, registration(mailbox="alice@@example.com"))
+        assert status == 422 and body["errors"][0]["field"] == "mailbox"
+        details.add(body["detail"])
+    assert len(details) == 1 and "not a valid email address" in details.pop()
