@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name} must be positive")
-    console = Console()
+    console = Console(soft_wrap=True)
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bemsmail-demo-")))
         console.print(f"starting the mock Exchange, mock Graph, mock APNs, mock FCM and bemsmail in {work} ...",
