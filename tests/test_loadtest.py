@@ -94,6 +94,7 @@ def test_the_mocks_feeds_parse_and_the_summary_reports_percentiles_and_a_timelin
     matched = match(made, {"a@x": ["t"]}, parse_received(records))
     result = summarize(matched, made, 1.0, {"mailboxes": 1})
     assert result["latency_ms"] == {"p50": 50.0, "p95": 500.0, "p99": 500.0, "max": 500.0}
+    assert result["by_mail"]["first of its mailbox"]["max"] == 50.0 and result["by_mail"]["later"]["max"] == 500.0
     assert [(s["t"], s["mails"], s["pushes"]) for s in result["timeline"]] == [(0, 1, 1), (1, 1, 1)]
     assert percentile([], 0.5) is None and percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
 

@@ -125,7 +125,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
             ("push rate /s", str(result["push_rate"])),
             ("latency p50 / p95 / p99 / max ms", f"{lat['p50']} / {lat['p95']} / {lat['p99']} / {lat['max']}")]
     rows += [(f"  {name}: pushes, p50 / p99 ms", f"{row['pushes']:,}, {row['p50']} / {row['p99']}")
-             for name, row in result["by_path"].items()]
+             for name, row in [*result["by_path"].items(), *result["by_mail"].items()] if row["pushes"]]
     rows += [(f"CPU s during the mail phase: {name}", f"{value}") for name, value in result["cpu_seconds"].items()]
     for name, value in rows:
         table.add_row(name, value)
