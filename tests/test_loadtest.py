@@ -234,3 +234,15 @@ async def test_a_follower_stops_the_run_when_the_mock_forgot_pushes_it_had_not_r
         follower = Follower(session, [str(server.make_url("/mock/received"))], lambda rows: None)
         with pytest.raises(LoadTestError, match=r"forgot 5 pushes .* longer --history"):
             await follower.poll()
+
+
+def test_the_demo_stops_by_itself_after_its_duration() -> None:
+    answer = bemsmail("demo", "--duration", "2", "--interval", "0.5", "--plain")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert "delivered" in answer.stdout and "stopping" in answer.stdout
+
+
+def test_the_demo_refuses_a_bad_option_with_one_line() -> None:
+    answer = bemsmail("demo", "--interval", "0", timeout=30)
+    assert answer.returncode == 2 and "--interval must be positive" in answer.stderr
+    assert "Traceback" not in answer.stderr
