@@ -246,3 +246,15 @@ def test_the_demo_refuses_a_bad_option_with_one_line() -> None:
     answer = bemsmail("demo", "--interval", "0", timeout=30)
     assert answer.returncode == 2 and "--interval must be positive" in answer.stderr
     assert "Traceback" not in answer.stderr
+
+
+async def test_the_mock_providers_feed_refuses_a_bad_cursor_and_starts_empty() -> None:
+    import aiohttp
+
+    from bemsmail.mocks.fcm import FcmMock
+
+    async with FcmMock(port=0) as fcm, aiohttp.ClientSession() as session:
+        async with session.get(f"{fcm.base_url}/mock/received", params={"after": "x"}) as answer:
+            assert answer.status == 400 and "integers" in (await answer.json())["error"]
+        async with session.get(f"{fcm.base_url}/mock/received") as answer:
+            assert await answer.json() == {"after": 0, "next": 0, "total": 0, "pushes": []}

@@ -48,7 +48,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hpack import Encoder, NeverIndexedHeaderTuple
 
-from bemsmail.mocks.feed import MAX_PAGE, parse_cursor, rows_after
+from bemsmail.mocks.feed import MAX_PAGE, received_handler, rows_after
 from bemsmail.mocks.tls import TestPki, ensure_test_pki
 
 MAX_PAYLOAD = 4096
@@ -517,7 +517,7 @@ class MockApns:
             app.router.add_get("/mock/script", self._h_get_script)
             app.router.add_get("/mock/stats", self._h_stats)
             app.router.add_get("/mock/requests", self._h_requests)
-            app.router.add_get("/mock/received", self._h_received)
+            app.router.add_get("/mock/received", received_handler(self.received))
             app.router.add_post("/mock/reset", self._h_reset)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
@@ -821,13 +821,6 @@ class MockApns:
         except ValueError:
             return web.json_response({"error": "limit must be an integer"}, status=400)
         return web.json_response([asdict(r) for r in self.recent(limit)])
-
-    async def _h_received(self, request: web.Request) -> web.Response:
-        try:
-            after, limit = parse_cursor(request.query)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(self.received(after, limit))
 
     async def _h_reset(self, request: web.Request) -> web.Response:
         data: Any = {}

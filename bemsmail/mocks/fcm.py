@@ -48,7 +48,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
-from bemsmail.mocks.feed import MAX_PAGE, parse_cursor, rows_after
+from bemsmail.mocks.feed import MAX_PAGE, received_handler, rows_after
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -491,7 +491,7 @@ class FcmMock:
         app.router.add_post("/mock/script", self._http_script)
         app.router.add_get("/mock/stats", self._http_stats)
         app.router.add_get("/mock/requests", self._http_requests)
-        app.router.add_get("/mock/received", self._http_received)
+        app.router.add_get("/mock/received", received_handler(self.received))
         app.router.add_post("/mock/reset", self._http_reset)
         app.router.add_post("/mock/revoke", self._http_revoke)
         app.router.add_get("/mock/health", self._http_health)
@@ -849,13 +849,6 @@ class FcmMock:
     async def _http_requests(self, request: web.Request) -> web.StreamResponse:
         limit = request.query.get("limit")
         return web.json_response(self.requests(int(limit) if limit and limit.isdigit() else None))
-
-    async def _http_received(self, request: web.Request) -> web.StreamResponse:
-        try:
-            after, limit = parse_cursor(request.query)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(self.received(after, limit))
 
     async def _http_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()

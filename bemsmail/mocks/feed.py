@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+from aiohttp import web
 
 Row = TypeVar("Row")
 
@@ -31,3 +34,14 @@ def parse_cursor(query: Any) -> tuple[int, int]:
     if after < 0 or limit < 1:
         raise ValueError("after must be >= 0 and limit >= 1")
     return after, limit
+
+
+def received_handler(read: Callable[[int, int], dict[str, Any]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """GET /mock/received?after=N[&limit=M] for a mock whose `read(after, limit)` gives the page."""
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            after, limit = parse_cursor(request.query)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(read(after, limit))
+    return handle
