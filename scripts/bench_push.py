@@ -94,6 +94,7 @@ from bemsmail.core.model import (  # noqa: E402
     RegistrationInput,
 )
 from bemsmail.core.relay import Deduper, Relay  # noqa: E402
+from bemsmail.loadtest.local import cpu_seconds as process_cpu_seconds  # noqa: E402
 from bemsmail.log import configure_logging  # noqa: E402
 from bemsmail.metrics import Metrics, PushMetrics, RelayMetrics  # noqa: E402
 from bemsmail.mocks.tls import generate_provider_key  # noqa: E402
@@ -111,7 +112,6 @@ FCM_APP = "com.example.mail.android"
 PROJECT = "bemsmail-bench"
 KEY_ID = "ABCDE12345"
 TEAM_ID = "TEAM123456"
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 MOCK_START_SECONDS = 60.0
 ROUND_TIMEOUT_SECONDS = 120.0
 SECTION_TIMEOUT_SECONDS = 900.0
@@ -125,11 +125,7 @@ FCM_BATCH = 500
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process (Linux /proc); 0 elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return process_cpu_seconds(pid) or 0.0
 
 
 def rss_mib() -> float:

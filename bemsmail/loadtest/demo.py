@@ -109,7 +109,6 @@ async def play(driver: Driver, plan: Plan, show: Show, *, interval: float, mails
     dead = {plan.devices[n].token for n, entry in enumerate(DEVICES) if entry[3]}
     backends = {m.address: m.backend for m in plan.mailboxes}
     by_item: dict[tuple[str, str], Row] = {}
-    registration_ids: dict[str, str] = {}
     failed: dict[str, float] = {}
 
     def refresh(row: Row | None = None, note: str | None = None) -> None:
@@ -128,7 +127,8 @@ async def play(driver: Driver, plan: Plan, show: Show, *, interval: float, mails
             if row is None or row.outcome == "delivered":
                 continue
             row.latency_ms = (push.at - row.mail.created_at) * 1000
-            row.outcome = "delivered" if push.status == 200 else f"APNs {push.status} {push.reason}".strip()
+            provider = "APNs" if row.device.platform == "ios" else "FCM"
+            row.outcome = "delivered" if push.status == 200 else f"{provider} {push.status} {push.reason}".strip()
             if push.status == 410:
                 failed.setdefault(push.token, time.monotonic())
             refresh(row)
@@ -176,7 +176,6 @@ async def play(driver: Driver, plan: Plan, show: Show, *, interval: float, mails
                     refresh(note=f"dead token pruned: APNs said 410 Unregistered for {devices[token].device_id} "
                                  f"({devices[token].mailbox}); the daemon deleted its registration "
                                  f"({time.monotonic() - failed[token]:.1f} s later)")
-            await follower.poll()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
     finally:

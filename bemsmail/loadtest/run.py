@@ -240,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="bemsmail-loadtest-") as tmp:
                 work = keep or Path(tmp)
-                history = max(20_000, 2 * len(make_plan(shape, ews_domain="x", graph_domain="y").devices))
+                # the mocks keep far more pushes than arrive between two reads of their feeds
+                history = max(20_000, 2 * shape.mailboxes * shape.devices_per_mailbox)
                 console.print(f"starting the mocks and a daemon in {work} ...")
                 deployment = LocalDeployment(work, history=history, ews_backends=max(4, args.mailboxes // 5000))
                 with deployment as local_target:
