@@ -5,11 +5,15 @@ Starts `bemsmail serve` as its own process (as in production) on each database, 
 clients from this process, and prints a table and one JSON line. MariaDB is a throwaway server started here
 (Debian mariadb-server) with production durability (innodb_flush_log_at_trx_commit=1) unless --fast-disk.
 
-The daemon runs without mail sources by default (--sources none): registrations are checked, stored and published,
-and the Watcher reads each changed mailbox as always, but no EWS subscription is attempted. The dev config's EWS
-tenant points at a mock that is not running here, so with --sources config every new mailbox's Subscribe fails and
-is retried with back-off on exchangelib's threads: a third of the daemon's CPU that is neither registration work
-nor what a reachable Exchange would cost (bench_ews.py measures that).
+The daemon's mail sources are stand-ins by default (--sources none): registrations are checked, stored and
+published, and the Watcher reads each changed mailbox's folders and tells its tenant's source to watch it, as
+always, but the stand-in source does nothing with that. The dev config's EWS tenant points at a mock that is not
+running here, so with --sources config every new mailbox's Subscribe fails and is retried with back-off on
+exchangelib's threads: a third of the daemon's CPU that is neither registration work nor what a reachable Exchange
+would cost (bench_ews.py measures that).
+
+After each run the script waits until the daemon is idle again (the Watcher has caught up) and charges that CPU
+to the run too, so work deferred past the end of a run is neither hidden nor billed to the next run.
 
     .venv/bin/python scripts/bench_registrations.py [--backends sqlite,mariadb] [--clients 100] [--seconds 20]
     .venv/bin/python scripts/bench_registrations.py --compare ../baseline   # the same runs against another checkout
@@ -44,11 +48,21 @@ from bench_push import cpu_seconds  # noqa: E402
 from bemsmail.devconfig import write_dev_config  # noqa: E402
 from bemsmail.devservices import free_port  # noqa: E402
 
-# `bemsmail serve` with no mail source built (--sources none); everything else is the real command.
-SERVE_WITHOUT_SOURCES = """
+# `bemsmail serve` whose tenants' mail sources accept watches and do nothing (--sources none); everything else
+# is the real command.
+SERVE_WITH_STAND_IN_SOURCES = """
 import sys
 import bemsmail.app
-bemsmail.app.build_sources = lambda *args, **kwargs: {}
+
+class StandInSource:
+    async def start(self): pass
+    async def stop(self): pass
+    async def watch(self, mailbox, folders): pass
+    async def unwatch(self, mailbox): pass
+    async def item_details(self, mailbox, item_ids): return {}
+    async def unread_count(self, mailbox): return None
+
+bemsmail.app.build_sources = lambda config, *args, **kwargs: {t.name: StandInSource() for t in config.tenants}
 from bemsmail.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -181,6 +195,20 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("daemon not ready within 60 s")
 
 
+def wait_idle(pid: int, limit: float = 120.0) -> float:
+    """Seconds until the daemon has used under a tenth of a core for two seconds on end (it has caught up)."""
+    start = time.monotonic()
+    quiet_since = start
+    before = cpu_seconds(pid)
+    while time.monotonic() - quiet_since < 2.0 and time.monotonic() - start < limit:
+        time.sleep(0.25)
+        now = cpu_seconds(pid)
+        if now - before > 0.025:
+            quiet_since = time.monotonic()
+        before = now
+    return round(quiet_since - start, 1)
+
+
 def run_backend(name: str, args: argparse.Namespace, stack: ExitStack, tree: Path = ROOT) -> list[dict[str, Any]]:
     """Every run on one backend against the daemon of `tree` (this checkout, or --compare's)."""
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-")))
@@ -200,7 +228,7 @@ def run_backend(name: str, args: argparse.Namespace, stack: ExitStack, tree: Pat
         env["BEMSMAIL_DATABASE__MAX_OVERFLOW"] = "0"
     # run from `tree`, so that its bemsmail package is the one imported (python -m / -c put the cwd first)
     bemsmail = [sys.executable, "-m", "bemsmail"]
-    serve = [sys.executable, "-c", SERVE_WITHOUT_SOURCES] if args.sources == "none" else bemsmail
+    serve = [sys.executable, "-c", SERVE_WITH_STAND_IN_SOURCES] if args.sources == "none" else bemsmail
     subprocess.run([*bemsmail, "migrate", "--config", str(config)], env=env, check=True, capture_output=True,
                    cwd=tree)
     proc = subprocess.Popen([*serve, "serve", "--config", str(config)], env=env, cwd=tree,
@@ -209,11 +237,12 @@ def run_backend(name: str, args: argparse.Namespace, stack: ExitStack, tree: Pat
     results = []
     try:
         wait_healthy(port, proc)
-        for rate in (0.0, *args.rates):
+        for rate in (*([] if args.paced_only else [0.0]), *args.rates):
             load = os.getloadavg()[0]
             cpu_before = cpu_seconds(proc.pid)
             row = asyncio.run(drive(port, key, args.clients, args.seconds, args.warmup, rate, args.client == "lean"))
-            # the daemon's CPU over the whole run (warm-up included) per answered request
+            row["settle_s"] = wait_idle(proc.pid)
+            # the daemon's CPU over the whole run (warm-up and catching up included) per answered request
             row["daemon_cpu_per_request_us"] = round((cpu_seconds(proc.pid) - cpu_before) / max(1, row["sent"]) * 1e6)
             results.append({"backend": name, "tree": label, "load_1min": round(load, 2), **row})
     finally:
@@ -230,13 +259,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",") if x], default=[1500.0],
                         help="paced runs after the closed-loop one, in requests/s offered (comma-separated)")
+    parser.add_argument("--paced-only", action="store_true", help="skip the closed-loop run")
     parser.add_argument("--client", choices=["lean", "aiohttp"], default="lean",
                         help="load generator: a minimal keep-alive HTTP/1.1 client, or aiohttp's")
     parser.add_argument("--pool", type=int, default=20, help="MariaDB connection pool size")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (info logs every request)")
     parser.add_argument("--fast-disk", action="store_true", help="MariaDB with innodb_flush_log_at_trx_commit=2")
     parser.add_argument("--sources", choices=["none", "config"], default="none",
-                        help="none: the daemon builds no mail source (see above); config: as the dev config says")
+                        help="none: stand-in sources that accept watches (see above); config: as the dev config says")
     parser.add_argument("--compare", type=Path, default=None,
                         help="another checkout (e.g. a git worktree of the baseline): each backend is run against "
                              "its daemon and this one's in turn, each on a fresh database")
@@ -258,11 +288,11 @@ def main() -> None:
           f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end")
     tree_width = max([4, *(len(r["tree"]) for r in results)])
     print(f"{'tree':<{tree_width}} {'backend':<9} {'mode':<14} {'upserts/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8} {'requests':>9} {'errors':>7} {'CPU/req':>8} {'load':>5}")
+          f"{'max ms':>8} {'requests':>9} {'errors':>7} {'CPU/req':>8} {'settle s':>8} {'load':>5}")
     for r in results:
         print(f"{r['tree'] or '.':<{tree_width}} {r['backend']:<9} {r['mode']:<14} {r['upserts_per_s']:>10.1f} "
               f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['requests']:>9} {r['errors']:>7} "
-              f"{r['daemon_cpu_per_request_us']:>6} µs {r['load_1min']:>5.2f}")
+              f"{r['daemon_cpu_per_request_us']:>6} µs {r['settle_s']:>8.1f} {r['load_1min']:>5.2f}")
     print(json.dumps({"benchmark": "registrations", "clients": args.clients, "seconds": args.seconds,
                       "sources": args.sources, "python": platform.python_version(), "results": results}))
 

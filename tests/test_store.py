@@ -226,3 +226,15 @@ async def test_a_mailbox_backend_is_recorded_and_moved(store: SqlStore) -> None:
     # a registration upserted again keeps the recorded backend: the migration's move is not undone
     await store.upsert_registration(reg(token="12" * 32), "example", Backend.EWS)
     assert await store.mailbox_backend("alice@example.com") is Backend.GRAPH
+
+
+async def test_mailbox_folders_are_the_union_of_each_mailboxs_devices(store: SqlStore) -> None:
+    for n in range(3):
+        await store.upsert_registration(reg(f"f{n}@example.com", token=f"{n:02d}" * 32), "example", Backend.EWS)
+    await store.upsert_registration(
+        reg("f1@example.com", device="d2", token="ff" * 32, settings=DeviceSettings(folders=("Inbox", "Projects"))),
+        "example", Backend.EWS)
+    wanted = [f"f{n}@example.com" for n in range(3)] + ["nobody@example.com"]
+    assert await store.mailbox_folders(wanted) == {
+        "f0@example.com": {"Inbox"}, "f1@example.com": {"Inbox", "Projects"}, "f2@example.com": {"Inbox"}}
+    assert await store.mailbox_folders([]) == {}

@@ -4,7 +4,7 @@ last device leaving stops it; at start-up every mailbox with devices is watched.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,3 +122,47 @@ async def test_registrations_start_change_and_stop_a_watch(world: World) -> None
     await settled(world)
     assert world.source.calls[-1] == ("unwatch", "alice@example.com", None)
     assert "alice@example.com" not in world.watcher.watched
+
+
+async def test_a_burst_of_changes_is_settled_in_one_read_of_the_watchable_mailboxes(world: World) -> None:
+    await world.watcher.start()
+    reads: list[list[str]] = []
+    read = world.store.mailbox_folders
+
+    async def counted(mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
+        reads.append(list(mailboxes_))
+        return await read(mailboxes_)
+
+    world.store.mailbox_folders = counted  # type: ignore[method-assign]
+    for n in range(30):
+        await world.register(f"burst{n}@example.com")
+    await world.register("burst7@example.com", device="d2", folders=("Inbox", "Projects"))
+    await world.register("other@example.com")  # another node's: not read
+    await world.register("x@cloud.example")  # no source for this tenant here: not read
+    await settled(world)
+    assert len(reads) == 1
+    assert sorted(reads[0]) == sorted(f"burst{n}@example.com" for n in range(30))
+    assert world.watcher.watched["burst7@example.com"] == {"Inbox", "Projects"}
+    assert {c[1] for c in world.source.calls} == {f"burst{n}@example.com" for n in range(30)}
+
+
+async def test_a_failing_watch_is_retried_without_holding_up_the_others(world: World) -> None:
+    await world.watcher.start()
+    refusals = {"b@example.com": 1}
+    watch = world.source.watch
+
+    async def flaky(mailbox: str, folders: frozenset[str]) -> None:
+        if refusals.get(mailbox):
+            refusals[mailbox] -= 1
+            raise ConnectionError("source unavailable")
+        await watch(mailbox, folders)
+
+    world.source.watch = flaky  # type: ignore[method-assign]
+    for name in ("a", "b", "c"):
+        await world.register(f"{name}@example.com")
+    await settled(world)
+    assert set(world.watcher.watched) == {"a@example.com", "c@example.com"}  # b's failure is not recorded as done
+    await world.clock.advance(1.0)  # the back-off before the retry
+    await settled(world)
+    assert set(world.watcher.watched) == {"a@example.com", "b@example.com", "c@example.com"}
+    assert [c[1] for c in world.source.calls].count("b@example.com") == 1

@@ -2,7 +2,7 @@
 
 The first registration of a mailbox starts watching it, the last one leaving stops it, and a device asking for
 other folders changes what is watched. Changes arriving together are settled once per mailbox, so a burst of
-registrations costs one read per mailbox, not one per registration.
+registrations costs one read for them all, not one per registration.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import structlog
 
-from bemsmail.core.model import Registration, RegistrationChanged
+from bemsmail.core.model import RegistrationChanged
 from bemsmail.core.ports import Bus, Clock, MailSource, Ownership
 from bemsmail.core.registrations import REGISTRATION_TOPIC
 from bemsmail.core.tenants import TenantDirectory
@@ -24,14 +24,9 @@ START_PAGE = 2000
 
 
 class WatchStore(Protocol):
-    async def list_registrations(self, mailbox: str) -> Sequence[Registration]: ...
+    async def mailbox_folders(self, mailboxes: Sequence[str]) -> Mapping[str, frozenset[str]]: ...
 
     async def watched_mailboxes(self, after: str | None, limit: int) -> Sequence[tuple[str, frozenset[str]]]: ...
-
-
-def folders_of(registrations: Sequence[Registration]) -> frozenset[str]:
-    """The folders a mailbox must be watched in: every folder any of its devices asks for."""
-    return frozenset(name for r in registrations for name in r.settings.folders)
 
 
 class Watcher:
@@ -91,20 +86,36 @@ class Watcher:
             self._wake.clear()
             batch, self._pending = list(self._pending), {}
             self.busy = True
-            for mailbox in batch:
-                try:
-                    await self.refresh(mailbox)
-                except Exception:  # one mailbox's failure (store down) must not stop the others; retried later
-                    log.exception("watch_refresh_failed")
-                    self._pending[mailbox] = None
-                    self._wake.set()
+            try:
+                failed = await self.refresh(batch)
+            except Exception:  # the store is down: keep the whole batch for a later try
+                log.exception("watch_refresh_failed", mailboxes=len(batch))
+                failed = batch
+            if failed:
+                self._pending.update(dict.fromkeys(failed))
+                self._wake.set()
             self.busy = False
             if self._wake.is_set():
                 await self._clock.sleep(1.0)  # back off before retrying failures
 
-    async def refresh(self, mailbox: str) -> None:
-        """Bring one mailbox's watch in line with its registrations now."""
-        await self._apply(mailbox, folders_of(await self._store.list_registrations(mailbox)))
+    async def refresh(self, mailboxes: Sequence[str]) -> list[str]:
+        """Bring these mailboxes' watches in line with their registrations now, in one read; returns those whose
+        source failed (to retry). A mailbox neither watched nor watchable here (another node's, or a tenant
+        without a source) needs no read."""
+        wanted = [m for m in mailboxes if m in self._watched or self._watchable(m)]
+        folders = await self._store.mailbox_folders(wanted) if wanted else {}
+        failed = []
+        for mailbox in wanted:
+            try:
+                await self._apply(mailbox, folders.get(mailbox, frozenset()))
+            except Exception:  # one mailbox's source failure must not hold up the others
+                log.exception("watch_refresh_failed", mailbox=mailbox)
+                failed.append(mailbox)
+        return failed
+
+    def _watchable(self, mailbox: str) -> bool:
+        tenant = self._tenants.resolve(mailbox)
+        return tenant is not None and tenant.name in self._sources and self._ownership.owns(mailbox)
 
     async def _apply(self, mailbox: str, folders: frozenset[str]) -> None:
         tenant = self._tenants.resolve(mailbox)
@@ -112,12 +123,11 @@ class Watcher:
         current = self._watched.get(mailbox)
         if not folders or source is None or not self._ownership.owns(mailbox):
             if current is not None:
-                del self._watched[mailbox]
                 if source is not None:
                     await source.unwatch(mailbox)
+                del self._watched[mailbox]
             return
         if current == folders:
             return
-        folders = self._interned.setdefault(folders, folders)
-        self._watched[mailbox] = folders
-        await source.watch(mailbox, folders)
+        await source.watch(mailbox, folders)  # recorded after it succeeded, so a failure is retried
+        self._watched[mailbox] = self._interned.setdefault(folders, folders)

@@ -57,7 +57,7 @@ def _folder_state(row: Any) -> FolderState:
 
 
 # The hot path's statements, built once: building and cache-keying the upsert's SELECT cost ~300 µs of CPU a
-# batch, and the Watcher's one-mailbox reads ~100 µs each, more than executing them. IN lists are expanding
+# batch, and one-mailbox reads ~100 µs each, more than executing them. IN lists are expanding
 # parameters, rendered at execution as the literal lists were.
 _r = registrations.c
 _UPSERT_ROWS = (
@@ -73,6 +73,7 @@ _READ_MAILBOXES = (
     sa.select(registrations).where(_r.mailbox.in_(sa.bindparam("mailboxes", expanding=True)))
     .order_by(_r.mailbox, _r.created_at, _r.id)
 )
+_READ_FOLDERS = sa.select(_r.mailbox, _r.settings).where(_r.mailbox.in_(sa.bindparam("mailboxes", expanding=True)))
 _INSERT_MAILBOXES_SQLITE = sqlite_dialect.insert(mailboxes).on_conflict_do_nothing()
 _mysql_insert = mysql_dialect.insert(mailboxes)
 _INSERT_MAILBOXES_MYSQL = _mysql_insert.on_duplicate_key_update(address=_mysql_insert.inserted.address)
@@ -418,8 +419,7 @@ class SqlStore:
     async def watched_mailboxes(self, after: str | None, limit: int) -> Sequence[tuple[str, frozenset[str]]]:
         """The next mailboxes after `after` (address order) that have registrations, each with the union of its
         devices' folders: one page of what a node has to watch at start-up. Empty when there are no more."""
-        m, r = mailboxes.c, registrations.c
-        shared: dict[frozenset[str], frozenset[str]] = {}  # most mailboxes watch just the Inbox: share one set
+        m = mailboxes.c
         cursor = after or ""
         while True:
             async with self._engine.connect() as conn:
@@ -428,19 +428,29 @@ class SqlStore:
                 )).scalars().all()
                 if not page:
                     return []
-                rows = (await conn.execute(sa.select(r.mailbox, r.settings).where(r.mailbox.in_(page)))).all()
-            folders: dict[str, set[str]] = {}
-            for mailbox, settings in rows:
-                wanted = settings.get("folders", ("Inbox",)) if isinstance(settings, dict) else ("Inbox",)
-                folders.setdefault(mailbox, set()).update(wanted)
-            result = []
-            for mailbox in page:
-                if mailbox in folders:
-                    key = frozenset(folders[mailbox])
-                    result.append((mailbox, shared.setdefault(key, key)))
+                folders = await self._folders_of(conn, page)
+            result = [(mailbox, folders[mailbox]) for mailbox in page if mailbox in folders]
             if result or len(page) < limit:
                 return result
             cursor = page[-1]  # a full page of mailboxes whose devices are all gone: look further
+
+    async def mailbox_folders(self, mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
+        """The union of the devices' folders of each of these mailboxes that has devices (absent: none left)."""
+        found: dict[str, frozenset[str]] = {}
+        async with self._engine.connect() as conn:
+            for start in range(0, len(mailboxes_), 1000):
+                found.update(await self._folders_of(conn, mailboxes_[start : start + 1000]))
+        return found
+
+    @staticmethod
+    async def _folders_of(conn: AsyncConnection, mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
+        """Reads only the settings' folders (no Registration built): the Watcher's whole need, per changed mailbox."""
+        rows = (await conn.execute(_READ_FOLDERS, {"mailboxes": list(mailboxes_)})).all()
+        folders: dict[str, set[str]] = {}
+        for mailbox, settings in rows:
+            wanted = settings.get("folders", ("Inbox",)) if isinstance(settings, dict) else ("Inbox",)
+            folders.setdefault(mailbox, set()).update(wanted)
+        return {mailbox: frozenset(names) for mailbox, names in folders.items()}
 
     async def folder_states(self, backend: Backend, mailboxes_: Sequence[str]) -> dict[tuple[str, str], FolderState]:
         """The stored state of every folder of these mailboxes, keyed by (mailbox, folder)."""
