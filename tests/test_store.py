@@ -238,3 +238,12 @@ async def test_mailbox_folders_are_the_union_of_each_mailboxs_devices(store: Sql
     assert await store.mailbox_folders(wanted) == {
         "f0@example.com": {"Inbox"}, "f1@example.com": {"Inbox", "Projects"}, "f2@example.com": {"Inbox"}}
     assert await store.mailbox_folders([]) == {}
+
+
+async def test_an_upsert_reports_the_folders_asked_for_before(store: SqlStore) -> None:
+    created = await store.upsert_registration(reg("fb@example.com"), "example", Backend.EWS)
+    assert created.created and created.folders_before == ()
+    vip = reg("fb@example.com", settings=DeviceSettings(folders=("Inbox", "VIP")))
+    assert (await store.upsert_registration(vip, "example", Backend.EWS)).folders_before == ("Inbox",)
+    again = await store.upsert_registration(reg("fb@example.com"), "example", Backend.EWS)
+    assert again.folders_before == ("Inbox", "VIP")

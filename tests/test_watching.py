@@ -166,3 +166,37 @@ async def test_a_failing_watch_is_retried_without_holding_up_the_others(world: W
     await settled(world)
     assert set(world.watcher.watched) == {"a@example.com", "b@example.com", "c@example.com"}
     assert [c[1] for c in world.source.calls].count("b@example.com") == 1
+
+
+async def test_changes_that_leave_the_watch_as_is_cost_no_read(world: World) -> None:
+    await world.watcher.start()
+    reads: list[list[str]] = []
+    read = world.store.mailbox_folders
+
+    async def counted(mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
+        reads.append(list(mailboxes_))
+        return await read(mailboxes_)
+
+    world.store.mailbox_folders = counted  # type: ignore[method-assign]
+    await world.register("alice@example.com")
+    await settled(world)
+    assert len(reads) == 1  # a new mailbox is read
+
+    await world.register("alice@example.com")  # the same device again, settings unchanged
+    await world.register("alice@example.com", device="d2")  # a new device asking for the watched Inbox
+    await settled(world)
+    assert len(reads) == 1
+    assert world.source.calls == [("watch", "alice@example.com", frozenset({"Inbox"}))]
+
+    await world.register("alice@example.com", device="d3", folders=("Inbox", "VIP"))  # adds a folder
+    await settled(world)
+    assert len(reads) == 2 and world.watcher.watched["alice@example.com"] == {"Inbox", "VIP"}
+    await world.register("alice@example.com", device="d3", folders=("Inbox",))  # drops one: read again
+    await settled(world)
+    assert len(reads) == 3 and world.watcher.watched["alice@example.com"] == {"Inbox"}
+
+    [first, *_] = await world.store.list_registrations("alice@example.com")
+    await world.service.delete(first.id)  # a deletion is always read
+    await settled(world)
+    assert len(reads) == 4
+    assert world.watcher.watched["alice@example.com"] == {"Inbox"}

@@ -138,6 +138,8 @@ class UpsertResult:
     created: bool
     #: registrations that held the same token under another mailbox/device and were removed
     displaced: tuple[Registration, ...] = ()
+    #: the folders the registration asked for before this upsert (none when it was created)
+    folders_before: tuple[str, ...] = ()
 
 
 class EventKind(enum.StrEnum):
@@ -305,3 +307,7 @@ class RegistrationChanged:
     mailbox: str
     registration_id: str
     change: RegistrationChange
+    #: the registration's folders after and before the change, where the publisher knows both (a created one had
+    #: none before): a change that neither adds nor drops a folder of the mailbox's watch needs no re-read of it
+    folders: tuple[str, ...] | None = None
+    folders_before: tuple[str, ...] | None = None

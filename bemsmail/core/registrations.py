@@ -54,7 +54,7 @@ class RegistrationService:
         for gone in result.displaced:
             await self._publish(gone, RegistrationChange.DELETED)
         change = RegistrationChange.CREATED if result.created else RegistrationChange.UPDATED
-        await self._publish(result.registration, change)
+        await self._publish(result.registration, change, result.folders_before)
         return result
 
     async def get(self, registration_id: str) -> Registration | None:
@@ -68,7 +68,7 @@ class RegistrationService:
             self.check_app(str(changes["app_id"]), current.platform)
         updated = await self._store.update_registration(current.id, changes)
         if updated is not None:
-            await self._publish(updated, RegistrationChange.UPDATED)
+            await self._publish(updated, RegistrationChange.UPDATED, current.settings.folders)
         return updated
 
     async def delete(self, registration_id: str) -> Registration | None:
@@ -77,7 +77,10 @@ class RegistrationService:
             await self._publish(deleted, RegistrationChange.DELETED)
         return deleted
 
-    async def _publish(self, registration: Registration, change: RegistrationChange) -> None:
-        await self._bus.publish(
-            REGISTRATION_TOPIC, RegistrationChanged(registration.mailbox, registration.id, change)
-        )
+    async def _publish(self, registration: Registration, change: RegistrationChange,
+                       folders_before: tuple[str, ...] | None = None) -> None:
+        """`folders_before`: what the registration asked for before (unknown for a deletion: it asks for none)."""
+        folders = None if change is RegistrationChange.DELETED else tuple(registration.settings.folders)
+        await self._bus.publish(REGISTRATION_TOPIC, RegistrationChanged(
+            registration.mailbox, registration.id, change, folders,
+            None if folders is None else folders_before))

@@ -75,9 +75,19 @@ class Watcher:
         return self._watched
 
     async def _registration_changed(self, message: object) -> None:
-        if isinstance(message, RegistrationChanged):
+        if isinstance(message, RegistrationChanged) and not self._leaves_watch_as_is(message):
             self._pending[message.mailbox] = None
             self._wake.set()
+
+    def _leaves_watch_as_is(self, change: RegistrationChanged) -> bool:
+        """True when the change can neither drop a folder from the mailbox's watch (the registration asks for
+        all it asked for before) nor add one (all it asks for is watched already), so re-reading is no use:
+        a device re-registering with its settings unchanged, or a new device of a watched mailbox asking for
+        watched folders. Deletions and changes whose folders the publisher does not know are always re-read."""
+        watched = self._watched.get(change.mailbox)
+        if watched is None or change.folders is None or change.folders_before is None:
+            return False
+        return set(change.folders_before) <= set(change.folders) <= watched
 
     async def _settle_loop(self) -> None:
         while True:

@@ -42,6 +42,7 @@ _RETRYABLE_MYSQL = {1213, 1205, 1062}
 _MAX_ATTEMPTS = 5
 _KNOWN_MAILBOXES = 100_000
 _BACKENDS = frozenset(b.value for b in Backend)
+_DEFAULT_FOLDERS = DeviceSettings().folders
 
 _FOLDER_STATE_FIELDS = ("sync_state", "seen_through", "seen_ids", "remote_id", "watermark", "client_state",
                         "expires_at", "updated_at")
@@ -110,6 +111,12 @@ def _row_to_registration(row: Mapping[Any, Any], settings: DeviceSettings | None
         last_seen_at=row["last_seen_at"],
         last_push_at=row["last_push_at"],
     )
+
+
+def _folders_in(settings: object) -> tuple[str, ...]:
+    """The folders a stored settings document asks for (DeviceSettings' default when it names none)."""
+    folders = settings.get("folders") if isinstance(settings, dict) else None
+    return tuple(folders) if isinstance(folders, list | tuple) else _DEFAULT_FOLDERS
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -267,8 +274,10 @@ class SqlStore:
                 "last_seen_at": now,
             }
             existing_id = by_key.get(key)
+            folders_before: tuple[str, ...] = ()
             if existing_id is not None:
                 row = live[existing_id]
+                folders_before = _folders_in(row["settings"])
                 if by_hash.get(row["token_hash"]) == existing_id:
                     del by_hash[row["token_hash"]]
                 row.update(values)
@@ -279,9 +288,8 @@ class SqlStore:
                 by_key[key] = row["id"]
             by_hash[fingerprint] = row["id"]
             touched.add(row["id"])
-            results.append(
-                UpsertResult(_row_to_registration(row, data.settings), existing_id is None, tuple(displaced))
-            )
+            results.append(UpsertResult(_row_to_registration(row, data.settings), existing_id is None,
+                                        tuple(displaced), folders_before))
         # Rewrite every touched row: delete the stored versions, insert the final ones. Unlike row-by-row
         # updates this cannot trip over a unique token that moves between rows within the batch.
         stale = sorted(touched & stored.keys())
@@ -448,8 +456,7 @@ class SqlStore:
         rows = (await conn.execute(_READ_FOLDERS, {"mailboxes": list(mailboxes_)})).all()
         folders: dict[str, set[str]] = {}
         for mailbox, settings in rows:
-            wanted = settings.get("folders", ("Inbox",)) if isinstance(settings, dict) else ("Inbox",)
-            folders.setdefault(mailbox, set()).update(wanted)
+            folders.setdefault(mailbox, set()).update(_folders_in(settings))
         return {mailbox: frozenset(names) for mailbox, names in folders.items()}
 
     async def folder_states(self, backend: Backend, mailboxes_: Sequence[str]) -> dict[tuple[str, str], FolderState]:
