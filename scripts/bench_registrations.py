@@ -17,6 +17,7 @@ to the run too, so work deferred past the end of a run is neither hidden nor bil
 
     .venv/bin/python scripts/bench_registrations.py [--backends sqlite,mariadb] [--clients 100] [--seconds 20]
     .venv/bin/python scripts/bench_registrations.py --compare ../baseline   # the same runs against another checkout
+    .venv/bin/python scripts/bench_registrations.py --backends mariadb --paced-only   # on a fresh, empty database
 """
 
 from __future__ import annotations
