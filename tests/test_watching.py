@@ -71,6 +71,19 @@ async def settled(world: World) -> None:
         await asyncio.sleep(0.01)
 
 
+def folder_reads(world: World) -> list[list[str]]:
+    """Records the mailboxes of each folders read the Watcher makes from now on."""
+    reads: list[list[str]] = []
+    read = world.store.mailbox_folders
+
+    async def counted(mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
+        reads.append(list(mailboxes_))
+        return await read(mailboxes_)
+
+    world.store.mailbox_folders = counted  # type: ignore[method-assign]
+    return reads
+
+
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     clock = FakeClock(datetime(2026, 3, 2, tzinfo=UTC))
@@ -126,14 +139,7 @@ async def test_registrations_start_change_and_stop_a_watch(world: World) -> None
 
 async def test_a_burst_of_changes_is_settled_in_one_read_of_the_watchable_mailboxes(world: World) -> None:
     await world.watcher.start()
-    reads: list[list[str]] = []
-    read = world.store.mailbox_folders
-
-    async def counted(mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
-        reads.append(list(mailboxes_))
-        return await read(mailboxes_)
-
-    world.store.mailbox_folders = counted  # type: ignore[method-assign]
+    reads = folder_reads(world)
     for n in range(30):
         await world.register(f"burst{n}@example.com")
     await world.register("burst7@example.com", device="d2", folders=("Inbox", "Projects"))
@@ -170,14 +176,7 @@ async def test_a_failing_watch_is_retried_without_holding_up_the_others(world: W
 
 async def test_changes_that_leave_the_watch_as_is_cost_no_read(world: World) -> None:
     await world.watcher.start()
-    reads: list[list[str]] = []
-    read = world.store.mailbox_folders
-
-    async def counted(mailboxes_: Sequence[str]) -> dict[str, frozenset[str]]:
-        reads.append(list(mailboxes_))
-        return await read(mailboxes_)
-
-    world.store.mailbox_folders = counted  # type: ignore[method-assign]
+    reads = folder_reads(world)
     await world.register("alice@example.com")
     await settled(world)
     assert len(reads) == 1  # a new mailbox is read
@@ -200,3 +199,36 @@ async def test_changes_that_leave_the_watch_as_is_cost_no_read(world: World) -> 
     await settled(world)
     assert len(reads) == 4
     assert world.watcher.watched["alice@example.com"] == {"Inbox"}
+
+
+async def test_a_change_arriving_between_a_read_and_its_watch_is_read_again(world: World) -> None:
+    await world.watcher.start()
+    await world.register("bob@example.com")
+    vip = await world.register("bob@example.com", device="d2", folders=("Inbox", "VIP"))
+    await settled(world)
+    assert world.watcher.watched["bob@example.com"] == {"Inbox", "VIP"}
+
+    gate, held = asyncio.Event(), asyncio.Event()
+    watch = world.source.watch
+
+    async def slow(mailbox: str, folders: frozenset[str]) -> None:
+        if mailbox == "amy@example.com":
+            held.set()
+            await gate.wait()
+        await watch(mailbox, folders)
+
+    world.source.watch = slow  # type: ignore[method-assign]
+    await world.register("amy@example.com")  # settled first, its watch held up
+    await world.service.delete(vip)  # Bob's read will say {Inbox}
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await world.clock.advance(0.5)
+    await asyncio.wait_for(held.wait(), 5)  # the read has run and Amy's watch is waiting
+    # Bob's iPad comes back asking for VIP: the watch still says {Inbox, VIP}, but the read about to be applied
+    # does not include it, so this change must not be skipped
+    await world.register("bob@example.com", device="d3", folders=("Inbox", "VIP"))
+    gate.set()
+    await settled(world)
+    await world.clock.advance(1.0)
+    await settled(world)
+    assert world.watcher.watched["bob@example.com"] == {"Inbox", "VIP"}

@@ -44,6 +44,7 @@ class Watcher:
         self._watched: dict[str, frozenset[str]] = {}
         self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._pending: dict[str, None] = {}
+        self._refreshing: set[str] = set()  # read, but their watch not yet brought in line with that read
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         #: settling a batch of changed mailboxes right now
@@ -85,7 +86,8 @@ class Watcher:
         a device re-registering with its settings unchanged, or a new device of a watched mailbox asking for
         watched folders. Deletions and changes whose folders the publisher does not know are always re-read."""
         watched = self._watched.get(change.mailbox)
-        if watched is None or change.folders is None or change.folders_before is None:
+        if (watched is None or change.folders is None or change.folders_before is None
+                or change.mailbox in self._refreshing):  # what is watched may be about to change to a stale read
             return False
         return set(change.folders_before) <= set(change.folders) <= watched
 
@@ -113,15 +115,20 @@ class Watcher:
         source failed (to retry). A mailbox neither watched nor watchable here (another node's, or a tenant
         without a source) needs no read."""
         wanted = [m for m in mailboxes if m in self._watched or self._watchable(m)]
-        folders = await self._store.mailbox_folders(wanted) if wanted else {}
-        failed = []
-        for mailbox in wanted:
-            try:
-                await self._apply(mailbox, folders.get(mailbox, frozenset()))
-            except Exception:  # one mailbox's source failure must not hold up the others
-                log.exception("watch_refresh_failed", mailbox=mailbox)
-                failed.append(mailbox)
-        return failed
+        self._refreshing.update(wanted)
+        try:
+            folders = await self._store.mailbox_folders(wanted) if wanted else {}
+            failed = []
+            for mailbox in wanted:
+                try:
+                    await self._apply(mailbox, folders.get(mailbox, frozenset()))
+                except Exception:  # one mailbox's source failure must not hold up the others
+                    log.exception("watch_refresh_failed", mailbox=mailbox)
+                    failed.append(mailbox)
+                self._refreshing.discard(mailbox)
+            return failed
+        finally:
+            self._refreshing.difference_update(wanted)
 
     def _watchable(self, mailbox: str) -> bool:
         tenant = self._tenants.resolve(mailbox)
