@@ -130,13 +130,16 @@ class Watcher:
         finally:
             self._refreshing.difference_update(wanted)
 
-    def _watchable(self, mailbox: str) -> bool:
+    def _source_of(self, mailbox: str) -> MailSource | None:
+        """The MailSource of the mailbox's tenant, owned here or not."""
         tenant = self._tenants.resolve(mailbox)
-        return tenant is not None and tenant.name in self._sources and self._ownership.owns(mailbox)
+        return self._sources.get(tenant.name) if tenant is not None else None
+
+    def _watchable(self, mailbox: str) -> bool:
+        return self._source_of(mailbox) is not None and self._ownership.owns(mailbox)
 
     async def _apply(self, mailbox: str, folders: frozenset[str]) -> None:
-        tenant = self._tenants.resolve(mailbox)
-        source = self._sources.get(tenant.name) if tenant is not None else None
+        source = self._source_of(mailbox)
         current = self._watched.get(mailbox)
         if not folders or source is None or not self._ownership.owns(mailbox):
             if current is not None:
