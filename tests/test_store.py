@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +18,7 @@ from bemsmail.core.model import (
     Backend,
     DeviceSettings,
     Environment,
+    FolderState,
     Platform,
     QuietHours,
     RegistrationInput,
@@ -179,8 +182,6 @@ async def test_watched_mailboxes_page_through_mailboxes_with_devices(store: SqlS
 
 
 async def test_folder_states_are_upserted_and_forgotten(store: SqlStore) -> None:
-    from bemsmail.core.model import FolderState
-
     await store.upsert_registration(reg("a@example.com"), "example", Backend.EWS)
     await store.upsert_registration(reg("b@example.com", token="cd" * 32), "example", Backend.EWS)
     when = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -247,3 +248,60 @@ async def test_an_upsert_reports_the_folders_asked_for_before(store: SqlStore) -
     assert (await store.upsert_registration(vip, "example", Backend.EWS)).folders_before == ("Inbox",)
     again = await store.upsert_registration(reg("fb@example.com"), "example", Backend.EWS)
     assert again.folders_before == ("Inbox", "VIP")
+
+
+async def test_per_mailbox_statements_use_an_index_on_both_databases(store: SqlStore) -> None:
+    """Every statement of a per-mailbox or per-registration operation finds its rows through an index: a full
+    scan costs nothing on a test table and a lot on a million registrations (the upsert's key lookup once
+    scanned the whole table on SQLite). The tables are filled enough for MariaDB's optimizer to prefer an index;
+    SQLite is left without statistics, as the daemon leaves it."""
+    n = 2000
+    await asyncio.gather(*(store.upsert_registration(reg(f"p{i}@example.com", token=f"{i:064x}"), "example",
+                                                     Backend.EWS) for i in range(n)))
+    await store.save_folder_states(Backend.EWS, [FolderState(f"p{i}@example.com", "Inbox", "S") for i in range(n)])
+    engine = store.engine
+    sqlite = engine.dialect.name == "sqlite"
+    if not sqlite:  # what InnoDB's automatic statistics would soon do; SQLite has none unless ANALYZEd, as here
+        async with engine.begin() as conn:
+            for table in ("mailboxes", "registrations", "subscriptions"):
+                await conn.exec_driver_sql(f"ANALYZE TABLE {table}")
+
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if not executemany and statement.lstrip().split(None, 1)[0].upper() in {"SELECT", "UPDATE", "DELETE"}:
+            seen.append((statement, parameters))
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        # two at once make one batch, whose key lookup is a list (a single key is planned as an equality)
+        moved, _ = await asyncio.gather(
+            store.upsert_registration(reg("p1@example.com", device="d2", token=f"{2:064x}"), "example",
+                                      Backend.EWS),  # a new device, and a token moving to it
+            store.upsert_registration(reg("p3@example.com", token=f"{3:064x}"), "example", Backend.EWS))
+        assert len(await store.list_registrations("p4@example.com")) == 1
+        assert set(await store.mailbox_folders(["p5@example.com", "p6@example.com"])) == {"p5@example.com",
+                                                                                        "p6@example.com"}
+        assert await store.get_registration(moved.registration.id) is not None
+        await store.update_registration(moved.registration.id, {"locale": "de-DE"})
+        await store.mark_pushed([moved.registration.id], datetime(2026, 3, 1, 13, tzinfo=UTC))
+        await store.folder_states(Backend.EWS, ["p7@example.com"])
+        await store.delete_folder_states(Backend.EWS, "p8@example.com")
+        await store.mailbox_backend("p9@example.com")
+        assert await store.delete_registration(moved.registration.id) is not None
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+    statements = {statement for statement, _ in seen}
+    assert len(statements) >= 9, statements  # the operations above really ran their own statements
+    scans = []
+    async with engine.connect() as conn:
+        for statement, parameters in seen:
+            if sqlite:
+                plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)).all()
+                scans += [(statement, row[3]) for row in plan
+                          if re.match(r"SCAN (mailboxes|registrations|subscriptions)\b", row[3])]
+            else:
+                plan = (await conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)).mappings().all()
+                scans += [(statement, dict(row)) for row in plan if row["type"] in {"ALL", "index"}]
+    assert scans == []

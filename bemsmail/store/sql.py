@@ -61,9 +61,12 @@ def _folder_state(row: Any) -> FolderState:
 # batch, and one-mailbox reads ~100 µs each, more than executing them. IN lists are expanding
 # parameters, rendered at execution as the literal lists were.
 _r = registrations.c
+# The mailbox IN is implied by the key IN and is there for SQLite: it renders the key IN as a VALUES subquery,
+# which its planner cannot match to an index, and scanned the whole table for every batch.
 _UPSERT_ROWS = (
     sa.select(registrations)
-    .where(sa.or_(sa.tuple_(_r.mailbox, _r.device_id).in_(sa.bindparam("keys", expanding=True)),
+    .where(sa.or_(sa.and_(_r.mailbox.in_(sa.bindparam("mailboxes", expanding=True)),
+                          sa.tuple_(_r.mailbox, _r.device_id).in_(sa.bindparam("keys", expanding=True))),
                   _r.token_hash.in_(sa.bindparam("hashes", expanding=True))))
     .order_by(_r.id)
     .with_for_update()
@@ -242,7 +245,8 @@ class SqlStore:
         fingerprints = [token_fingerprint(item.data.token) for item in batch]
         keys = sorted({(item.data.mailbox, item.data.device_id) for item in batch})
         rows = (
-            await conn.execute(_UPSERT_ROWS, {"keys": keys, "hashes": sorted(set(fingerprints))})
+            await conn.execute(_UPSERT_ROWS, {"mailboxes": sorted({mailbox for mailbox, _ in keys}), "keys": keys,
+                                              "hashes": sorted(set(fingerprints))})
         ).mappings().all()
         stored = {row["id"]: dict(row) for row in rows}
         by_key = {(row["mailbox"], row["device_id"]): row["id"] for row in stored.values()}
