@@ -298,6 +298,7 @@ async def test_per_mailbox_statements_use_an_index_on_both_databases(store: SqlS
 
     statements = {statement for statement, _ in seen}
     assert len(statements) >= 12, statements  # the operations above really ran their own statements
+    assert any("token_hash IN" in st and len(params) == 8 for st, params in seen)  # the two made one batch
     scans = []
     async with engine.connect() as conn:
         for statement, parameters in seen:
